@@ -1,0 +1,132 @@
+"""safetensors headers: read and validate them without reading tensor data.
+
+Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+then the data; offsets are relative to the first data byte. We parse it ourselves (it is tiny) because we
+need the absolute byte ranges to stream, and every malformed case must become a one-line error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_CODES = ("F32", "F16", "BF16")
+# A real header is a few hundred KB; anything above this is corruption, not a model.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code].itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one source tensor's bytes are: absolute [start, stop) in `file`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header. Raises CheckpointError naming the file and the problem."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header "
+                    "length); re-download it"
+                )
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{path}: header length {n} bytes is larger than the file ({size} bytes) allows; "
+                    "the file is truncated or not safetensors, re-download it"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e}); re-download the file") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
+    return _validate(path, header, data_start=8 + n, file_size=size)
+
+
+def _validate(path: Path, header: dict[str, object], data_start: int, file_size: int) -> dict[str, TensorInfo]:
+    data_len = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+        begin, end = offsets
+        expected = math.prod(shape) * itemsize(dtype)
+        if end < begin or end - begin != expected:
+            raise CheckpointError(
+                f"{where}: data_offsets [{begin}, {end}) hold {end - begin} bytes but {dtype} "
+                f"{tuple(shape)} needs {expected}; the file is corrupt"
+            )
+        if end > data_len:
+            raise CheckpointError(
+                f"{where}: data ends at byte {data_start + end} but the file has {file_size} bytes; "
+                "the file is truncated, re-download it"
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+    ordered = sorted(tensors.values(), key=lambda t: (t.start, t.stop))
+    for prev, cur in itertools.pairwise(ordered):
+        if cur.start < prev.stop and cur.nbytes and prev.nbytes:
+            raise CheckpointError(
+                f"{path}: tensors {prev.name!r} and {cur.name!r} overlap "
+                f"(bytes [{prev.start}, {prev.stop}) and [{cur.start}, {cur.stop})); the file is corrupt"
+            )
+    return tensors

@@ -1,0 +1,448 @@
+"""Pure planning: (architecture rules, model, source tensor headers, mapping) -> what every rank file holds.
+
+No tensor data is read here. Every output tensor is described by the source boxes it is made of and the
+byte offset each box lands at, so the executor can stream and the manifest can say where everything is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CheckpointError, MappingError, UsageError, collect
+from .header import FLOAT_CODES, itemsize
+from .mapping import Mapping, RankCoords, check_model_fit, stage_layers
+from .source import ModelSpec
+
+log = logging.getLogger(__name__)
+
+Box = tuple[tuple[int, int], ...]  # [start, stop) per source dimension
+
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+CODE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """What the planner needs of a source tensor: its header entry."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One box of a source tensor, cast and copied to `dst_offset` bytes into an output tensor's data.
+
+    The box's elements, in row-major order, land contiguously at the destination.
+    """
+
+    source: str
+    box: Box
+    dst_offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(b - a for a, b in self.box)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor. Bytes no piece covers are zero (vocab padding)."""
+
+    name: str
+    dtype: str  # safetensors dtype code
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    coords: RankCoords
+    file: str
+    layers: tuple[int, ...]  # global layer ids
+    experts: tuple[int, ...]  # global expert ids
+    ffn_slice: tuple[int, int]  # [start, stop) of each expert's intermediate dim
+    tensors: tuple[PlannedTensor, ...]  # in file order
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options that change what is written (and so must match on resume)."""
+
+    dtype: str = "auto"
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "use_parallel_embedding": self.use_parallel_embedding,
+            "embedding_sharding_dim": self.embedding_sharding_dim,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    mapping: Mapping
+    options: ConvertOptions
+    dtype: str  # resolved output dtype name, e.g. "bfloat16"
+    expert_layout: str  # which source layout of the experts was found: "classic" or "fused"
+    ranks: tuple[RankPlan, ...]
+    sources: dict[str, SourceTensor] = field(repr=False)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def total_data_bytes(self) -> int:
+        return sum(r.data_bytes for r in self.ranks)
+
+
+def evaluate(expr: int | str, dims: dict[str, int]) -> int:
+    """A shape expression of the rules: an int, a dim name, or a product like `2*intermediate_size`."""
+    if isinstance(expr, int):
+        return expr
+    return math.prod(int(f) if f.strip().isdigit() else dims[f.strip()] for f in expr.split("*"))
+
+
+def resolve_dtype(requested: str, spec: ModelSpec, sources: dict[str, SourceTensor]) -> str:
+    """`auto` takes config.json's dtype (torch_dtype or dtype), turning float32 into float16."""
+    if requested != "auto":
+        if requested not in DTYPE_CODES:
+            raise UsageError(f"--dtype {requested!r} is not one of auto, {', '.join(DTYPE_CODES)}")
+        return requested
+    name = (spec.dtype or "").removeprefix("torch.")
+    if name not in DTYPE_CODES:
+        # No dtype in config.json: the source tensors' own float dtype is the best evidence we have.
+        codes = {t.dtype for t in sources.values() if t.dtype in FLOAT_CODES}
+        if len(codes) != 1:
+            raise UsageError(
+                f"--dtype auto: config.json names no usable dtype ({spec.dtype!r}) and the source tensors "
+                f"have {sorted(codes) or 'no float dtype'}; pass --dtype explicitly"
+            )
+        name = CODE_NAMES[codes.pop()]
+    return "float16" if name == "float32" else name
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A logical 1-D or 2-D source (e.g. expert 3's w1) inside a real tensor, perhaps a fused one."""
+
+    tensor: str
+    prefix: tuple[int, ...]  # fixed leading indices (the expert index in a fused tensor)
+    row_offset: int
+    shape: tuple[int, ...]  # logical shape
+
+    def box(self, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> Box:
+        r0, r1 = rows if rows is not None else (0, self.shape[0])
+        dims: list[tuple[int, int]] = [(i, i + 1) for i in self.prefix]
+        dims.append((self.row_offset + r0, self.row_offset + r1))
+        if len(self.shape) == 2:
+            dims.append(cols if cols is not None else (0, self.shape[1]))
+        return tuple(dims)
+
+
+class _TensorBuilder:
+    """Appends pieces to one output tensor in destination order."""
+
+    def __init__(self, dtype: str) -> None:
+        self.pieces: list[Piece] = []
+        self.offset = 0
+        self.itemsize = itemsize(dtype)
+
+    def add(self, ref: _Ref, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> None:
+        piece = Piece(ref.tensor, ref.box(rows, cols), self.offset)
+        if piece.numel:
+            self.pieces.append(piece)
+        self.offset += piece.numel * self.itemsize
+
+
+@dataclass
+class _Context:
+    spec: ModelSpec
+    mapping: Mapping
+    options: ConvertOptions
+    coords: RankCoords
+    resolve: Callable[[str, int | None, int | None], _Ref]
+
+    def chunk(self, n: int, parts: int, index: int) -> tuple[int, int]:
+        size = n // parts
+        return index * size, (index + 1) * size
+
+    def padded_rows(self, ref: _Ref) -> tuple[int, tuple[int, int]]:
+        """Rows per rank after zero-padding to a multiple of tp, and this rank's real rows."""
+        tp, n = self.mapping.tp_size, ref.shape[0]
+        per_rank = -(-n // tp)
+        start = min(self.coords.tp_rank * per_rank, n)
+        return per_rank, (start, min(start + per_rank, n))
+
+
+SplitFn = Callable[[_Context, list[str], int | None, _TensorBuilder], tuple[int, ...]]
+
+
+def _replicate(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    ref = ctx.resolve(keys[0], layer, None)
+    out.add(ref)
+    return ref.shape
+
+
+def _tp_columns(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    ref = ctx.resolve(keys[0], layer, None)
+    cols = ctx.chunk(ref.shape[1], ctx.mapping.tp_size, ctx.coords.tp_rank)
+    out.add(ref, cols=cols)
+    return ref.shape[0], cols[1] - cols[0]
+
+
+def _tp_rows_padded(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    ref = ctx.resolve(keys[0], layer, None)
+    per_rank, rows = ctx.padded_rows(ref)
+    out.add(ref, rows=rows)
+    return per_rank, ref.shape[1]
+
+
+def _embedding(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    if not ctx.options.use_parallel_embedding:
+        return _replicate(ctx, keys, layer, out)
+    if ctx.options.embedding_sharding_dim == 0:
+        return _tp_rows_padded(ctx, keys, layer, out)
+    return _tp_columns(ctx, keys, layer, out)
+
+
+def _qkv_heads(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    """cat(q, k, v) of this rank's heads; kv heads fewer than tp are repeated tp/nkv times first."""
+    spec, tp, tp_rank = ctx.spec, ctx.mapping.tp_size, ctx.coords.tp_rank
+    d, rows_total = spec.head_dim, 0
+    for key, heads in zip(keys, (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads), strict=False):
+        ref = ctx.resolve(key, layer, None)
+        if heads >= tp:
+            rows = ctx.chunk(heads * d, tp, tp_rank)
+        else:
+            head = tp_rank // (tp // heads)  # repeated consecutively: head 0, head 0, head 1, ...
+            rows = (head * d, (head + 1) * d)
+        out.add(ref, rows=rows)
+        rows_total += rows[1] - rows[0]
+    return rows_total, spec.hidden_size
+
+
+def _local_experts(ctx: _Context) -> range:
+    per_rank = ctx.spec.num_experts // ctx.mapping.moe_ep_size
+    return range(ctx.coords.moe_ep_rank * per_rank, (ctx.coords.moe_ep_rank + 1) * per_rank)
+
+
+def _ffn_slice(ctx: _Context) -> tuple[int, int]:
+    return ctx.chunk(ctx.spec.intermediate_size, ctx.mapping.moe_tp_size, ctx.coords.moe_tp_rank)
+
+
+def _expert_rows(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    """[E_local, len(keys) * I/moe_tp, H]: per expert, the FFN slice of each source in `keys` order."""
+    experts, rows = _local_experts(ctx), _ffn_slice(ctx)
+    for e in experts:
+        for key in keys:
+            out.add(ctx.resolve(key, layer, e), rows=rows)
+    return len(experts), len(keys) * (rows[1] - rows[0]), ctx.spec.hidden_size
+
+
+def _expert_columns(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    """[E_local, H, I/moe_tp]: per expert, the FFN slice of the columns."""
+    experts, cols = _local_experts(ctx), _ffn_slice(ctx)
+    for e in experts:
+        out.add(ctx.resolve(keys[0], layer, e), cols=cols)
+    return len(experts), ctx.spec.hidden_size, cols[1] - cols[0]
+
+
+SPLITS: dict[str, SplitFn] = {
+    "replicate": _replicate,
+    "tp_columns": _tp_columns,
+    "tp_rows_padded": _tp_rows_padded,
+    "embedding": _embedding,
+    "qkv_heads": _qkv_heads,
+    "expert_rows": _expert_rows,
+    "expert_columns": _expert_columns,
+}
+
+
+def _source_entries(spec: ModelSpec, layout: str) -> dict[str, dict[str, Any]]:
+    rules = spec.rules
+    return {**rules["sources"], **rules["expert_layouts"][layout]}
+
+
+def _expected_names(
+    spec: ModelSpec, entries: dict[str, dict[str, Any]]
+) -> Iterator[tuple[str, str, int | None, int | None]]:
+    """Every (key, tensor name, layer, expert) the source entries expect to read."""
+    for key, entry in entries.items():
+        name: str = entry["name"]
+        layers: list[int | None] = list(range(spec.num_layers)) if "{layer}" in name else [None]
+        per_expert = "{expert}" in name or entry.get("expert_dim")
+        experts: list[int | None] = list(range(spec.num_experts)) if per_expert else [None]
+        for layer in layers:
+            for expert in experts:
+                yield key, name.format(layer=layer, expert=expert), layer, expert
+
+
+def detect_expert_layout(spec: ModelSpec, names: set[str] | dict[str, Any]) -> str:
+    """Which expert layout the tensor names use, checked layer by layer (not from the version string)."""
+    layouts = spec.rules["expert_layouts"]
+    per_layer: dict[int, list[str]] = {}
+    for layout, entries in layouts.items():
+        for key, name, layer, _ in _expected_names(spec, entries):
+            if key != "router" and layer is not None and name in names:
+                per_layer.setdefault(layer, [])
+                if layout not in per_layer[layer]:
+                    per_layer[layer].append(layout)
+    problems = []
+    for layer in range(spec.num_layers):
+        found = per_layer.get(layer, [])
+        if not found:
+            problems.append(f"layer {layer} has no expert weights in any known layout ({', '.join(layouts)})")
+        elif len(found) > 1:
+            problems.append(f"layer {layer} has expert weights in both the {' and '.join(found)} layouts")
+    used = sorted({lay for found in per_layer.values() for lay in found})
+    if not problems and len(used) > 1:
+        by_layout = {lay: [str(i) for i, found in sorted(per_layer.items()) if found == [lay]] for lay in used}
+        problems.append(
+            "the checkpoint mixes expert layouts: "
+            + "; ".join(f"{lay} in layers {', '.join(ls)}" for lay, ls in by_layout.items())
+        )
+    collect(problems, CheckpointError, "expert weights are missing or mixed")
+    return used[0]
+
+
+def _check_sources(
+    spec: ModelSpec, layout: str, sources: dict[str, SourceTensor]
+) -> tuple[dict[tuple[str, int | None, int | None], _Ref], list[str]]:
+    """Resolve every logical source to a tensor box; collect missing, misshapen and non-float tensors."""
+    dims = spec.dims()
+    entries = _source_entries(spec, layout)
+    refs: dict[tuple[str, int | None, int | None], _Ref] = {}
+    missing: list[str] = []
+    bad_shape: list[str] = []
+    bad_dtype: list[str] = []
+    used: set[str] = set()
+    for key, name, layer, expert in _expected_names(spec, entries):
+        entry = entries[key]
+        if name not in sources and entry.get("tied_to") and spec.tie_word_embeddings:
+            tied = entries[entry["tied_to"]]["name"]
+            log.debug("%s is absent and tie_word_embeddings is set: using %s", name, tied)
+            name = tied
+        if name not in sources:
+            missing.append(name)
+            continue
+        src = sources[name]
+        expected = tuple(evaluate(x, dims) for x in entry["shape"])
+        if name not in used:
+            used.add(name)
+            if src.shape != expected:
+                bad_shape.append(f"{name} is {list(src.shape)}, config.json implies {list(expected)}")
+            if src.dtype not in FLOAT_CODES:
+                bad_dtype.append(f"{name} is {src.dtype}")
+        if entry.get("expert_dim"):
+            rows = entry.get("rows", [0, expected[1]])
+            r0, r1 = evaluate(rows[0], dims), evaluate(rows[1], dims)
+            ref = _Ref(name, (expert or 0,), r0, (r1 - r0, *expected[2:]))
+        else:
+            ref = _Ref(name, (), 0, expected)
+        refs[(key, layer, expert)] = ref
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected tensors are missing: {', '.join(missing)}")
+    if bad_shape:
+        problems.append(f"{len(bad_shape)} tensors disagree with config.json: {'; '.join(bad_shape)}")
+    if bad_dtype:
+        problems.append(f"unsupported dtypes (only {', '.join(FLOAT_CODES)} can be converted): {', '.join(bad_dtype)}")
+    return refs, problems
+
+
+def plan_conversion(
+    spec: ModelSpec,
+    sources: dict[str, SourceTensor],
+    mapping: Mapping,
+    options: ConvertOptions | None = None,
+) -> Plan:
+    """Plan every rank file. Raises with all problems found, before any tensor data is read.
+
+    Args:
+        spec: the model's sizes (from config.json).
+        sources: every source tensor's dtype and shape (from the safetensors headers).
+        mapping: the resolved parallel mapping.
+        options: output dtype and embedding options.
+    """
+    options = options or ConvertOptions()
+    problems = check_model_fit(
+        mapping,
+        num_experts=spec.num_experts,
+        intermediate_size=spec.intermediate_size,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        num_layers=spec.num_layers,
+    )
+    if options.embedding_sharding_dim not in (0, 1):
+        problems.append(f"--embedding_sharding_dim must be 0 or 1, got {options.embedding_sharding_dim}")
+    elif options.use_parallel_embedding and options.embedding_sharding_dim == 1 and spec.hidden_size % mapping.tp_size:
+        problems.append(
+            f"hidden_size {spec.hidden_size} is not divisible by tp_size {mapping.tp_size}, "
+            "needed by --embedding_sharding_dim 1; use dim 0"
+        )
+    collect(problems, MappingError, "the mapping does not fit the model")
+
+    layout = detect_expert_layout(spec, sources)
+    refs, problems = _check_sources(spec, layout, sources)
+    collect(problems, CheckpointError, "the checkpoint does not match config.json")
+    expected = {r.tensor for r in refs.values()}
+    extra = sorted(set(sources) - expected)
+    warnings = (f"{len(extra)} unexpected tensors are ignored: {', '.join(extra[:10])}",) if extra else ()
+    dtype = resolve_dtype(options.dtype, spec, sources)
+
+    def resolve(key: str, layer: int | None, expert: int | None) -> _Ref:
+        return refs[(key, layer, expert)]
+
+    ranks = []
+    for coords in mapping.ranks():
+        ctx = _Context(spec, mapping, options, coords, resolve)
+        layers = stage_layers(spec.num_layers, mapping.pp_size, coords.pp_rank)
+        tensors = []
+        for rule in spec.rules["weights"]:
+            scope = rule["scope"]
+            if scope == "first_stage" and coords.pp_rank != 0:
+                continue
+            if scope == "last_stage" and coords.pp_rank != mapping.pp_size - 1:
+                continue
+            out_dtype = DTYPE_CODES[rule.get("dtype", dtype)]
+            for local, layer in enumerate(layers) if scope == "layer" else [(None, None)]:
+                out = _TensorBuilder(out_dtype)
+                shape = SPLITS[rule["split"]](ctx, rule["sources"], layer, out)
+                name = rule["target"].format(local_layer=local)
+                tensors.append(PlannedTensor(name, out_dtype, tuple(shape), tuple(out.pieces)))
+        ranks.append(
+            RankPlan(
+                coords=coords,
+                file=f"rank{coords.rank}.safetensors",
+                layers=tuple(layers),
+                experts=tuple(_local_experts(ctx)),
+                ffn_slice=_ffn_slice(ctx),
+                tensors=_file_order(tensors),
+            )
+        )
+    return Plan(spec, mapping, options, dtype, layout, tuple(ranks), sources, warnings)
+
+
+def _file_order(tensors: list[PlannedTensor]) -> tuple[PlannedTensor, ...]:
+    """Rule order (embedding, layers, head), the same whatever the source layout or shard order, so
+    equal models give byte-identical files; widest dtype first only if rule order would misalign data."""
+    offset = 0
+    for t in tensors:
+        if offset % itemsize(t.dtype):
+            return tuple(sorted(tensors, key=lambda t: -itemsize(t.dtype)))
+        offset += t.nbytes
+    return tuple(tensors)
