@@ -183,3 +183,24 @@ def convert_command(
 def convert_checkpoint_main() -> None:
     """`python convert_checkpoint.py --model_dir ...`: the convert command, TensorRT-LLM style."""
     convert_command.main(prog_name="convert_checkpoint.py")
+
+
+@main.command("example")
+@click.argument("directory")
+@_opt("--fused_experts", is_flag=True, help="Save the transformers-5 fused expert layout.")
+@_opt("--force", is_flag=True, help="Allow an existing non-empty directory.")
+@common_options
+@_handle_errors
+def example_command(directory: str, fused_experts: bool, force: bool, quiet: bool, debug: bool) -> None:
+    """Build a tiny random Mixtral checkpoint in DIRECTORY (transformers' own save_pretrained, 3 shards)."""
+    from pathlib import Path
+
+    from .errors import OutputError
+    from .example import build_example_checkpoint
+
+    _setup_logging(quiet, debug)
+    path = Path(directory)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise OutputError(f"{path} exists and is not empty; pass --force to write into it")
+    build_example_checkpoint(path, fused_experts=fused_experts)
+    log.info("wrote a tiny Mixtral checkpoint to %s", path)

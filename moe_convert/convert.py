@@ -179,9 +179,9 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 
 
 def _log_rank_done(bar: Any) -> Any:
-    def done(r: RankResult) -> None:
+    def done(output_dir: Path, r: RankResult) -> None:
         if bar is None:
-            log.info("wrote %s (%.2f GB, sha256 %s)", r.file, r.bytes / 1e9, r.sha256[:16])
+            log.info("wrote %s (%.2f GB, sha256 %s)", output_dir / r.file, r.bytes / 1e9, r.sha256[:16])
 
     return done
 

@@ -10,16 +10,17 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError
 from .header import DTYPES, TensorInfo
-from .plan import Box, Plan
+from .plan import Box, Plan, RankPlan
 from .writer import RankFileWriter
 
 log = logging.getLogger(__name__)
@@ -132,46 +133,75 @@ def _scatter(reader: _SourceReader, info: TensorInfo, targets: list[_Target], on
             on_bytes(piece.numel() * t.dtype.itemsize)
 
 
+@dataclass(frozen=True)
+class WriteJob:
+    """One plan to write into one directory (several jobs share a single pass over the source)."""
+
+    plan: Plan
+    output_dir: Path
+    only_ranks: frozenset[int] | None = None  # None: every rank
+
+    def ranks(self) -> list[RankPlan]:
+        return [r for r in self.plan.ranks if self.only_ranks is None or r.coords.rank in self.only_ranks]
+
+
 def execute_plan(
     plan: Plan,
     tensors: dict[str, TensorInfo],
     output_dir: Path,
     *,
+    only_ranks: set[int] | None = None,
+    **kwargs: Any,
+) -> list[RankResult]:
+    """Write every rank file of `plan` (or only `only_ranks`) into `output_dir`; see `execute_plans`."""
+    job = WriteJob(plan, output_dir, None if only_ranks is None else frozenset(only_ranks))
+    return execute_plans([job], tensors, **kwargs)[0]
+
+
+def execute_plans(
+    jobs: Sequence[WriteJob],
+    tensors: dict[str, TensorInfo],
+    *,
     workers: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_bytes: Callable[[int], None] = lambda n: None,
-    on_rank_done: Callable[[RankResult], None] = lambda r: None,
-    only_ranks: set[int] | None = None,
-) -> list[RankResult]:
-    """Write every rank file of `plan` (or only `only_ranks`) into `output_dir`. Returns one result per file.
+    on_rank_done: Callable[[Path, RankResult], None] = lambda path, r: None,
+) -> list[list[RankResult]]:
+    """Write the rank files of every job, reading each needed source byte once for all of them.
 
-    Rank files appear under their final names only when complete and flushed; on any error the
-    temporary files are removed.
+    Rank files appear under their final names only when complete and flushed; on any error every
+    temporary file is removed. Returns, per job, one result per rank file written.
     """
-    ranks = [r for r in plan.ranks if only_ranks is None or r.coords.rank in only_ranks]
-    writers: list[RankFileWriter] = []
+    writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
     try:
-        for r in ranks:
-            writers.append(RankFileWriter(output_dir / r.file, r))
         by_source: dict[str, list[_Target]] = {}
-        for r, w in zip(ranks, writers, strict=False):
-            for t in r.tensors:
-                for p in t.pieces:
-                    target = _Target(w, p.box, w.layout.offsets[t.name] + p.dst_offset, DTYPES[t.dtype])
-                    by_source.setdefault(p.source, []).append(target)
+        for job in jobs:
+            writers.append([])
+            for r in job.ranks():
+                w = RankFileWriter(job.output_dir / r.file, r)
+                writers[-1].append(w)
+                for t in r.tensors:
+                    for p in t.pieces:
+                        target = _Target(w, p.box, w.layout.offsets[t.name] + p.dst_offset, DTYPES[t.dtype])
+                        by_source.setdefault(p.source, []).append(target)
+        # File by file, front to back: sequential reads.
         order = sorted(by_source, key=lambda n: (str(tensors[n].file), tensors[n].start))
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
-        _run(reader, [(tensors[n], by_source[n]) for n in order], writers, workers, on_bytes)
+        all_writers = [w for ws in writers for w in ws]
+        _run(reader, [(tensors[n], by_source[n]) for n in order], all_writers, workers, on_bytes)
         reader.check_unchanged()
-        results = []
-        for r, w in zip(ranks, writers, strict=False):
-            results.append(RankResult(r.file, w.layout.size, w.commit()))
-            on_rank_done(results[-1])
+        results: list[list[RankResult]] = []
+        for job, ws in zip(jobs, writers, strict=True):
+            results.append([])
+            for r, w in zip(job.ranks(), ws, strict=True):
+                results[-1].append(RankResult(r.file, w.layout.size, w.commit()))
+                on_rank_done(job.output_dir, results[-1][-1])
         return results
     except BaseException:
-        for w in writers:
-            w.abort()
+        for ws in writers:
+            for w in ws:
+                w.abort()
         raise
     finally:
         if reader is not None:

@@ -116,9 +116,7 @@ def forward_from_rank_files(output_dir: str, input_ids: torch.Tensor) -> torch.T
             p = f"transformer.layers.{j}"
             h = rms_norm(x, group[0][f"{p}.input_layernorm.weight"], eps)
             attn = [
-                attention_partial(
-                    h, r[f"{p}.attention.qkv.weight"], r[f"{p}.attention.dense.weight"], q_heads, d, base
-                )
+                attention_partial(h, r[f"{p}.attention.qkv.weight"], r[f"{p}.attention.dense.weight"], q_heads, d, base)
                 for r in group
             ]
             x = x + torch.stack(attn).sum(0)  # all-reduce over the TP group
