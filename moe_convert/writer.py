@@ -108,9 +108,9 @@ class RankFileWriter:
         self._pending: list[tuple[int, int]] = []
         self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            # Reserve the space now: a full disk fails here, before hours of work, not at the end.
-            if self.layout.size:
-                os.posix_fallocate(self.fd, 0, self.layout.size)
+            # Sized up front so padding reads as zeros. Not posix_fallocate: on ext4 it makes every later
+            # write convert unwritten extents, 10x slower (measured); free space is checked before we start.
+            os.ftruncate(self.fd, self.layout.size)
             self.write(0, self.layout.header)
             for start, stop in padding_ranges(rank, self.layout):
                 self.mark(start, stop)
@@ -122,9 +122,12 @@ class RankFileWriter:
         """Write any buffer (bytes, a numpy array) at `offset` and record it as complete."""
         view = memoryview(data).cast("B")
         start, stop = offset, offset + len(view)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise _output_error(self.partial, e, self.layout.size) from e
         self.mark(start, stop)
 
     def mark(self, start: int, stop: int) -> None:
