@@ -412,18 +412,21 @@ def plan_conversion(
         ctx = _Context(spec, mapping, options, coords, resolve)
         layers = stage_layers(spec.num_layers, mapping.pp_size, coords.pp_rank)
         tensors = []
-        for rule in spec.rules["weights"]:
-            scope = rule["scope"]
-            if scope == "first_stage" and coords.pp_rank != 0:
-                continue
-            if scope == "last_stage" and coords.pp_rank != mapping.pp_size - 1:
-                continue
+        # Stage-wide tensors first, then layer by layer (the order of the source), then the head.
+        rules = spec.rules["weights"]
+        slots: list[tuple[dict[str, Any], int | None, int | None]] = []
+        if coords.pp_rank == 0:
+            slots += [(rule, None, None) for rule in rules if rule["scope"] == "first_stage"]
+        for local_id, layer_id in enumerate(layers):
+            slots += [(rule, local_id, layer_id) for rule in rules if rule["scope"] == "layer"]
+        if coords.pp_rank == mapping.pp_size - 1:
+            slots += [(rule, None, None) for rule in rules if rule["scope"] == "last_stage"]
+        for rule, local, layer in slots:
             out_dtype = DTYPE_CODES[rule.get("dtype", dtype)]
-            for local, layer in enumerate(layers) if scope == "layer" else [(None, None)]:
-                out = _TensorBuilder(out_dtype)
-                shape = SPLITS[rule["split"]](ctx, rule["sources"], layer, out)
-                name = rule["target"].format(local_layer=local)
-                tensors.append(PlannedTensor(name, out_dtype, tuple(shape), tuple(out.pieces)))
+            out = _TensorBuilder(out_dtype)
+            shape = SPLITS[rule["split"]](ctx, rule["sources"], layer, out)
+            name = rule["target"].format(local_layer=local)
+            tensors.append(PlannedTensor(name, out_dtype, tuple(shape), tuple(out.pieces)))
         ranks.append(
             RankPlan(
                 coords=coords,
