@@ -7,7 +7,6 @@ need the absolute byte ranges to stream, and every malformed case must become a 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -76,18 +75,28 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                     "length); re-download it"
                 )
             (n,) = struct.unpack("<Q", raw_len)
-            if n > min(size - 8, MAX_HEADER_BYTES):
+            # Checked before reading: a hostile length must not make us allocate gigabytes.
+            if n > size - 8:
                 raise CheckpointError(
                     f"{path}: header length {n} bytes is larger than the file ({size} bytes) allows; "
                     "the file is truncated or not safetensors, re-download it"
                 )
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header length {n} bytes is over the {MAX_HEADER_BYTES} byte limit (real headers "
+                    "are a few MB at most); the file is corrupt or not safetensors"
+                )
             raw = f.read(n)
+            if len(raw) != n:
+                raise CheckpointError(f"{path}: read {len(raw)} of {n} header bytes; the file changed while reading")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: header is not valid JSON ({e}); re-download the file") from e
+    except RecursionError as e:  # "[[[[..." nested deeper than the parser's stack
+        raise CheckpointError(f"{path}: header is not valid JSON (nested too deeply); re-download the file") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
     return _validate(path, header, data_start=8 + n, file_size=size)
@@ -105,9 +114,12 @@ def _validate(path: Path, header: dict[str, object], data_start: int, file_size:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        # Bounded like safetensors' own u64/usize fields, so later arithmetic (torch, numpy) cannot overflow.
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and 0 <= o < 2**63 for o in offsets)
+        ):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
         begin, end = offsets
         expected = math.prod(shape) * itemsize(dtype)
@@ -122,11 +134,15 @@ def _validate(path: Path, header: dict[str, object], data_start: int, file_size:
                 "the file is truncated, re-download it"
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
-    ordered = sorted(tensors.values(), key=lambda t: (t.start, t.stop))
-    for prev, cur in itertools.pairwise(ordered):
-        if cur.start < prev.stop and cur.nbytes and prev.nbytes:
+    # Compare each tensor with the one reaching furthest so far: an empty tensor in between, or a short one
+    # inside a long one, must not hide an overlap.
+    furthest: TensorInfo | None = None
+    for cur in sorted((t for t in tensors.values() if t.nbytes), key=lambda t: (t.start, t.stop)):
+        if furthest is not None and cur.start < furthest.stop:
             raise CheckpointError(
-                f"{path}: tensors {prev.name!r} and {cur.name!r} overlap "
-                f"(bytes [{prev.start}, {prev.stop}) and [{cur.start}, {cur.stop})); the file is corrupt"
+                f"{path}: tensors {furthest.name!r} and {cur.name!r} overlap "
+                f"(bytes [{furthest.start}, {furthest.stop}) and [{cur.start}, {cur.stop})); the file is corrupt"
             )
+        if furthest is None or cur.stop > furthest.stop:
+            furthest = cur
     return tensors

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .architectures import Rules, rules_for
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, MoeConvertError
 from .header import TensorInfo, read_header
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,8 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# config.json and the index are a few KB to a few hundred KB; a bigger one is corrupt or hostile.
+MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,37 @@ class SourceCheckpoint:
     spec: ModelSpec
     tensors: dict[str, TensorInfo]
     files: tuple[Path, ...]  # the shards, in index order
+    hub_id: str | None = None  # set when --model_dir was a hub repo id
+    revision: str | None = None  # the hub commit hash it resolved to
 
     def file_sizes(self) -> dict[str, int]:
         return {f.name: f.stat().st_size for f in self.files}
+
+
+def load_json_file(path: Path, error: type[MoeConvertError], hint: str = "") -> Any:
+    """A small JSON file of the checkpoint; every way it can be unreadable becomes `error` naming it."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size} bytes, over the {MAX_JSON_BYTES} byte limit for this file{hint}")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}){hint}") from e
+    except RecursionError as e:
+        raise error(f"{path}: not valid JSON (nested too deeply){hint}") from e
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def check_within(model_dir: Path, path: Path, error: type[MoeConvertError]) -> None:
+    """Refuse a file of the checkpoint that resolves outside it (a symlink), the hub cache's blobs excepted."""
+    root = model_dir.resolve()
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise error(f"{path}: cannot resolve: {e}") from e
+    if not any(real.is_relative_to(r) for r in (root, *_hub_blobs(root))):
+        raise error(f"{path}: resolves to {real}, outside the model directory (a symlink?); refusing it")
 
 
 def read_config(model_dir: Path) -> ModelSpec:
@@ -73,12 +106,8 @@ def read_config(model_dir: Path) -> ModelSpec:
     path = model_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; --model_dir must hold a Hugging Face config.json")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    check_within(model_dir, path, ConfigError)
+    raw = load_json_file(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, found a {type(raw).__name__}")
     return spec_from_config_dict(raw, str(path))
@@ -92,11 +121,12 @@ def spec_from_config_dict(raw: dict[str, Any], where: str) -> ModelSpec:
     missing = [k for k in rules["required_config_keys"] if k not in raw]
     if missing:
         raise ConfigError(f"{where}: required keys missing: {', '.join(missing)}")
-    sizes = {k: raw[k] for k in [*rules["required_config_keys"], "num_key_value_heads", "head_dim"] if k in raw}
+    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null means "the default"
+    sizes = {k: raw[k] for k in [*rules["required_config_keys"], *optional] if k in raw}
     bad = [
         f"{k}={v!r}"
         for k, v in sizes.items()
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
+        if not (v is None and k in optional) and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
     ]
     if bad:
         raise ConfigError(f"{where}: sizes must be positive integers: {', '.join(bad)}")
@@ -111,13 +141,20 @@ def spec_from_config_dict(raw: dict[str, Any], where: str) -> ModelSpec:
     model_type = rules["model_types"][0]
     cfg_dict.pop("model_type", None)
     try:
-        cfg = AutoConfig.for_model(model_type, **cfg_dict)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"{where}: transformers rejects this config: {e}") from e
+        with _transformers_logs_to(where):
+            cfg = AutoConfig.for_model(model_type, **cfg_dict)
+    except Exception as e:  # transformers' validators raise many types (strict dataclass errors, AttributeError)
+        detail = " ".join(str(e).split())  # their messages span lines; ours is one
+        raise ConfigError(f"{where}: transformers rejects this config: {type(e).__name__}: {detail}") from e
     rope = getattr(cfg, "rope_parameters", None) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}: rope_parameters must be an object, got {rope!r}")
     rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
     if rope_theta is None:
         raise ConfigError(f"{where}: no rope_theta (or rope_parameters.rope_theta)")
+    for key, value in (("rope_theta", rope_theta), ("rms_norm_eps", cfg.rms_norm_eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
     rope_type = rope.get("rope_type", "default")
     scaling = None
     if rope_type not in (None, "default"):
@@ -148,19 +185,51 @@ def spec_from_config_dict(raw: dict[str, Any], where: str) -> ModelSpec:
     )
 
 
+@contextlib.contextmanager
+def _transformers_logs_to(where: str) -> Iterator[None]:
+    """Route transformers' log records and warnings about the config to our logger, one line each,
+    instead of its own stderr handler (which would break the one-line error contract)."""
+    tf_log = logging.getLogger("transformers")
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log.log(record.levelno, "%s: transformers: %s", where, " ".join(record.getMessage().split()))
+
+    saved = tf_log.handlers[:], tf_log.propagate
+    tf_log.handlers[:], tf_log.propagate = [Forward()], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for w in caught:
+            log.warning("%s: transformers: %s", where, " ".join(str(w.message).split()))
+    finally:
+        tf_log.handlers[:], tf_log.propagate = saved
+
+
+def _hub_blobs(root: Path) -> list[Path]:
+    """A hub cache snapshot (`models--o--n/snapshots/<commit>`) links its files into the repo's `blobs/`."""
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return [(repo / "blobs").resolve()]
+    return []
+
+
 def _inside(model_dir: Path, name: str) -> Path:
     """The shard path `name` of the index, refusing anything that resolves outside the model dir."""
-    root = model_dir.resolve()
+    if not name or "\x00" in name:
+        raise CheckpointError(f"{model_dir / INDEX_FILE}: shard path {name!r} is not a valid file name")
     if os.path.isabs(name) or ".." in Path(name).parts:
         raise CheckpointError(
             f"{model_dir / INDEX_FILE}: shard path {name!r} points outside the model directory; refusing it"
         )
-    path = model_dir / name
-    if not path.resolve().is_relative_to(root):
+    if name.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(
-            f"{model_dir / INDEX_FILE}: shard {name!r} resolves to {path.resolve()}, outside the model "
-            "directory (a symlink?); refusing it"
+            f"{model_dir / INDEX_FILE}: shard {name!r} is a pickle checkpoint; safetensors is required and "
+            "pickles are never loaded. Convert it to safetensors first"
         )
+    path = model_dir / name
+    check_within(model_dir, path, CheckpointError)
     return path
 
 
@@ -168,17 +237,18 @@ def shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The shard list (from the index when there is one) and the index's weight map."""
     index_path = model_dir / INDEX_FILE
     if index_path.exists():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download it") from e
+        check_within(model_dir, index_path, CheckpointError)
+        index = load_json_file(index_path, CheckpointError, "; re-download it")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
-            raise CheckpointError(f"{index_path}: no 'weight_map' object of tensor name -> shard file")
-        names = list(dict.fromkeys(weight_map.values()))
-        files = [_inside(model_dir, n) for n in names]
+            raise CheckpointError(
+                f"{index_path}: no 'weight_map' object of tensor name -> shard file; re-download the index"
+            )
+        if not weight_map:
+            raise CheckpointError(f"{index_path}: the 'weight_map' is empty; re-download the index")
+        files = list(dict.fromkeys(_inside(model_dir, n) for n in weight_map.values()))
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index_path}: shard files named in the index are missing: {', '.join(missing)}")
@@ -197,7 +267,9 @@ def shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
             "and pickles are never loaded. Convert them to safetensors first (e.g. save_pretrained "
             "with safe_serialization=True)"
         )
-    raise CheckpointError(f"{model_dir}: no {INDEX_FILE} and no {SINGLE_FILE}; nothing to convert")
+    others = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    found = f" (found {', '.join(others[:3])}, but without an index nothing says they are the shards)" if others else ""
+    raise CheckpointError(f"{model_dir}: no {INDEX_FILE} and no {SINGLE_FILE}{found}; nothing to convert")
 
 
 def open_source(model_dir: Path) -> SourceCheckpoint:
@@ -221,7 +293,7 @@ def open_source(model_dir: Path) -> SourceCheckpoint:
         problems = [
             f"{name!r} (index says {shard})"
             for name, shard in weight_map.items()
-            if name not in tensors or tensors[name].file.name != Path(shard).name
+            if name not in tensors or tensors[name].file != model_dir / shard
         ]
         if problems:
             raise CheckpointError(
