@@ -68,8 +68,7 @@ def experts(state: dict[str, torch.Tensor], i: int, n_experts: int, inter: int) 
         return state[f"model.layers.{i}.mlp.gate.weight"], w1_EIH, w3_EIH, w2_EHI
     p = f"model.layers.{i}.block_sparse_moe"
     w1_EIH, w2_EHI, w3_EIH = (
-        torch.stack([state[f"{p}.experts.{e}.{w}.weight"] for e in range(n_experts)])
-        for w in ("w1", "w2", "w3")
+        torch.stack([state[f"{p}.experts.{e}.{w}.weight"] for e in range(n_experts)]) for w in ("w1", "w2", "w3")
     )
     return state[f"{p}.gate.weight"], w1_EIH, w3_EIH, w2_EHI
 
@@ -109,9 +108,7 @@ def naive_convert(
             nkv % tp == 0 if nkv >= tp else tp % nkv == 0
         ),
         f"pp_size ({pp}) must be <= num_hidden_layers ({L})": pp <= L,
-        f"all sizes must be >= 1 (tp {tp}, pp {pp}, moe_tp {moe_tp}, moe_ep {moe_ep})": min(
-            tp, pp, moe_tp, moe_ep
-        )
+        f"all sizes must be >= 1 (tp {tp}, pp {pp}, moe_tp {moe_tp}, moe_ep {moe_ep})": min(tp, pp, moe_tp, moe_ep)
         >= 1,
         f"hidden_size ({H}) must be divisible by tp_size ({tp}) to shard the embedding on dim 1": not (
             use_parallel_embedding and embedding_sharding_dim == 1 and H % tp
@@ -154,9 +151,7 @@ def naive_convert(
             qkv = torch.cat([w.chunk(tp, 0)[tp_rank] for w in (q, k, v)])
             out[f"{dst}.input_layernorm.weight"] = own(state[f"{src}.input_layernorm.weight"])
             out[f"{dst}.attention.qkv.weight"] = own(qkv)
-            out[f"{dst}.attention.dense.weight"] = own(
-                state[f"{src}.self_attn.o_proj.weight"].chunk(tp, 1)[tp_rank]
-            )
+            out[f"{dst}.attention.dense.weight"] = own(state[f"{src}.self_attn.o_proj.weight"].chunk(tp, 1)[tp_rank])
             out[f"{dst}.post_layernorm.weight"] = own(state[f"{src}.post_attention_layernorm.weight"])
             router_EH, w1_EIH, w3_EIH, w2_EHI = experts(state, i, E, I)
             out[f"{dst}.mlp.router.weight"] = own(router_EH, torch.float32)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
 
 from . import __version__
-from .errors import MoeConvertError
+from .errors import MoeConvertError, UsageError
+from .safe_text import OneLineFormatter, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -20,13 +25,18 @@ MAPPING_HELP = (
     "only one given -> the other is tp_size divided by it. moe_tp_size * moe_ep_size must equal tp_size."
 )
 
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 error (bad input, failed check, write failure); 2 usage or mapping error; "
+    "130 interrupted."
+)
+
 log = logging.getLogger("moe_convert")
 
 
 def _setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(OneLineFormatter("%(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -39,19 +49,47 @@ def _handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except MoeConvertError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if debug:
                 raise
-            click.echo("interrupted: temporary files removed; no output file was left incomplete", err=True)
-            sys.exit(130)
+            click.echo(
+                "interrupted: temporary files removed, no output file was left incomplete "
+                "(a conversion continues with --resume)",
+                err=True,
+            )
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preempted CI job, `kill`), handled like Ctrl-C; exits 128 + 15."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into an exception in the main thread, so cleanup runs as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _opt(*names: str, **kwargs: Any) -> Callable[[F], F]:
@@ -79,9 +117,11 @@ def mapping_options(fn: F) -> F:
         [
             _opt(
                 "--model_dir",
-                required=True,
-                help="Hugging Face checkpoint directory (config.json + safetensors).",
+                default=None,
+                help="Hugging Face checkpoint directory (config.json + safetensors), or a hub repo id "
+                "(owner/name) resolved through the hub cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN apply).",
             ),
+            _opt("--revision", default=None, help="Branch, tag or commit of a hub repo id (default: main)."),
             _opt("--tp_size", type=int, default=1, show_default=True, help="Tensor-parallel size."),
             _opt("--pp_size", type=int, default=1, show_default=True, help="Pipeline-parallel size."),
             _opt(
@@ -118,9 +158,40 @@ def main() -> None:
     """Convert Hugging Face MoE checkpoints into per-rank TP/EP/PP shards (TensorRT-LLM layout)."""
 
 
-@main.command("convert", epilog=MAPPING_HELP)
+def batch_options(fn: F) -> F:
+    """--mapping, --job_file, --dry_run, --json: shared by `convert` and `plan`."""
+    for decorator in reversed(
+        [
+            _opt(
+                "--mapping",
+                "mappings",
+                multiple=True,
+                help="Batch: one mapping such as tp=8,moe_ep=8 (keys tp, pp, moe_tp, moe_ep, subdir); repeat it "
+                "to convert into several mappings in one pass over the source, each into OUTPUT_DIR/<label>.",
+            ),
+            _opt(
+                "--job_file",
+                default=None,
+                help="Batch described in a YAML or JSON file (model_dir, output_dir, mappings, options); "
+                "options given on the command line win.",
+            ),
+            _opt(
+                "--dry_run",
+                is_flag=True,
+                help="Plan and check only: print the per-rank table; read no tensor data, write nothing.",
+            ),
+            _opt("--json", "json_out", is_flag=True, help="Print one JSON document on stdout (logs stay on stderr)."),
+        ]
+    ):
+        fn = decorator(fn)
+    return fn
+
+
+@main.command(
+    "convert", epilog=MAPPING_HELP + " " + EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @mapping_options
-@_opt("--output_dir", required=True, help="Directory for rank{N}.safetensors, config.json and manifest.json.")
+@_opt("--output_dir", default=None, help="Directory for rank{N}.safetensors, config.json and manifest.json.")
 @_opt(
     "--workers",
     type=click.IntRange(min=1),
@@ -129,11 +200,26 @@ def main() -> None:
     help="Threads overlapping read, cast and write.",
 )
 @_opt("--force", is_flag=True, help="Allow a non-empty --output_dir (earlier outputs in it are replaced).")
+@_opt(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted conversion into --output_dir with the same options and source: complete "
+    "rank files (size and sha256 re-checked against the run's journal) are kept, the rest written. "
+    "Refused if options or source differ; with --force such a directory is started over instead.",
+)
+@_opt(
+    "--verify",
+    is_flag=True,
+    help="After converting, check every output byte against the source (as `moe-convert verify --model_dir`).",
+)
+@_opt("--chunk_bytes", type=click.IntRange(min=1), default=None, hidden=True)
+@batch_options
 @common_options
+@click.version_option(__version__, "--version", prog_name="moe-convert")
 @_handle_errors
 def convert_command(
-    model_dir: str,
-    output_dir: str,
+    model_dir: str | None,
+    output_dir: str | None,
     tp_size: int,
     pp_size: int,
     moe_tp_size: int | None,
@@ -143,13 +229,29 @@ def convert_command(
     embedding_sharding_dim: int,
     workers: int,
     force: bool,
+    resume: bool,
+    verify: bool,
+    chunk_bytes: int | None,
+    revision: str | None,
+    mappings: tuple[str, ...],
+    job_file: str | None,
+    dry_run: bool,
+    json_out: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
     """Convert a checkpoint in one streaming pass, in bounded memory."""
     from .convert import convert
+    from .execute import DEFAULT_CHUNK_BYTES
 
     _setup_logging(quiet, debug)
+    if dry_run or mappings or job_file or json_out:
+        from .cli_batch import run
+
+        run(click.get_current_context(), "plan" if dry_run else "convert", json_out=json_out, quiet=quiet)
+        return
+    if model_dir is None or output_dir is None:
+        raise UsageError("--model_dir and --output_dir are required (or --job_file)")
     result = convert(
         model_dir,
         output_dir,
@@ -163,6 +265,9 @@ def convert_command(
         workers=workers,
         force=force,
         progress=not quiet,
+        revision=revision,
+        resume=resume,
+        chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
     )
     m = result.plan.mapping
     log.info(
@@ -178,6 +283,78 @@ def convert_command(
         m.moe_ep_size,
         result.seconds,
     )
+    if verify:
+        _report_verify(result.output_dir, result.manifest["source"]["path"], quiet)
+
+
+@main.command("verify", epilog=EXIT_CODES_HELP)
+@click.argument("output_dir")
+@_opt(
+    "--model_dir",
+    default=None,
+    help="The source checkpoint: also compare every output byte with it and the manifest with a fresh plan.",
+)
+@_opt("--json", "json_out", is_flag=True, help="Print one JSON summary on stdout (problems included).")
+@common_options
+@_handle_errors
+def verify_command(output_dir: str, model_dir: str | None, json_out: bool, quiet: bool, debug: bool) -> None:
+    """Check a converted OUTPUT_DIR against its manifest.json (and, with --model_dir, its source).
+
+    Without --model_dir: rank file headers, sizes and sha256 against the manifest, zero padding, replicated
+    tensors identical across ranks, every expert x FFN slice held once per TP group, config.json against
+    the manifest, no stray files. With it, also every tensor byte against the source and the manifest
+    against a fresh plan. Every problem is printed on stderr, one per line; exit 1 if there is any.
+    """
+    _setup_logging(quiet, debug)
+    _report_verify(output_dir, model_dir, quiet, json_out=json_out)
+
+
+def _report_verify(
+    output_dir: str | os.PathLike[str], model_dir: str | None, quiet: bool, *, json_out: bool = False
+) -> None:
+    import json
+
+    from .summary import error_summary, verify_summary
+    from .verify import verify
+
+    try:
+        report = verify(output_dir, model_dir, progress=not quiet)
+    except MoeConvertError as e:
+        if json_out:
+            click.echo(json.dumps(error_summary(str(e), e.exit_code, e.problems), indent=2))
+        raise
+    if json_out:
+        click.echo(json.dumps(verify_summary(report), indent=2))
+    if report.ok:
+        if json_out:
+            return
+        if not quiet:
+            click.echo(report.summary())
+        return
+    for problem in report.problems:
+        click.echo(f"problem: {one_line(problem)}", err=True)
+    click.echo(f"error: {report.summary()}", err=True)
+    sys.exit(1)
+
+
+@main.command("plan", epilog=MAPPING_HELP + " " + EXIT_CODES_HELP)
+@mapping_options
+@_opt("--output_dir", default=None, help="Where the conversion would write: checks it and its free space.")
+@_opt("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="For the memory bound.")
+@_opt("--force", is_flag=True, help="As for convert: a non-empty --output_dir is then no problem.")
+@batch_options
+@common_options
+@_handle_errors
+def plan_command(json_out: bool, quiet: bool, debug: bool, **_: Any) -> None:
+    """Dry run: the per-rank table, sizes, disk and memory needed, and every failing check.
+
+    --model_dir may be a checkpoint dir, a hub repo id, or a config.json alone (sizes implied by the
+    config). No tensor data is read and nothing is written. Exit code 0 when every check passes.
+    """
+    from .cli_batch import run
+
+    _setup_logging(quiet, debug)
+    run(click.get_current_context(), "plan", json_out=json_out, quiet=quiet)
 
 
 def convert_checkpoint_main() -> None:

@@ -109,6 +109,10 @@ class Plan:
         return sum(r.data_bytes for r in self.ranks)
 
 
+def _count(items: list[str], singular: str, plural: str) -> str:
+    return f"1 {singular}" if len(items) == 1 else f"{len(items)} {plural}"
+
+
 def evaluate(expr: int | str, dims: dict[str, int]) -> int:
     """A shape expression of the rules: an int, a dim name, or a product like `2*intermediate_size`."""
     if isinstance(expr, int):
@@ -356,9 +360,13 @@ def _check_sources(
         refs[(key, layer, expert)] = ref
     problems = []
     if missing:
-        problems.append(f"{len(missing)} expected tensors are missing: {', '.join(missing)}")
+        problems.append(
+            f"{_count(missing, 'expected tensor is', 'expected tensors are')} missing: {', '.join(missing)}"
+        )
     if bad_shape:
-        problems.append(f"{len(bad_shape)} tensors disagree with config.json: {'; '.join(bad_shape)}")
+        problems.append(
+            f"{_count(bad_shape, 'tensor disagrees', 'tensors disagree')} with config.json: {'; '.join(bad_shape)}"
+        )
     if bad_dtype:
         problems.append(f"unsupported dtypes (only {', '.join(FLOAT_CODES)} can be converted): {', '.join(bad_dtype)}")
     return refs, problems
@@ -398,7 +406,11 @@ def plan_conversion(
 
     layout = detect_expert_layout(spec, sources)
     refs, problems = _check_sources(spec, layout, sources)
-    collect(problems, CheckpointError, "the checkpoint does not match config.json")
+    collect(
+        problems,
+        CheckpointError,
+        "the checkpoint does not match config.json (incomplete download, or the wrong config.json?)",
+    )
     expected = {r.tensor for r in refs.values()}
     extra = sorted(set(sources) - expected)
     warnings = (f"{len(extra)} unexpected tensors are ignored: {', '.join(extra[:10])}",) if extra else ()
