@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -120,6 +121,22 @@ def source_record(source: SourceCheckpoint) -> dict[str, Any]:
     }
 
 
+def _refuse_foreign_config(output_dir: Path) -> None:
+    """--force replaces our outputs only: a config.json we did not write (a model's?) is not ours to delete."""
+    config = output_dir / CONFIG_FILE
+    if not config.is_file() or (output_dir / MANIFEST_FILE).is_file() or (output_dir / JOURNAL_FILE).is_file():
+        return
+    try:
+        ours = "mapping" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputError(
+            f"--output_dir {output_dir} holds a config.json that moe-convert did not write (a model?); "
+            "--force will not delete it: choose another --output_dir"
+        )
+
+
 def prepare_output_dir(
     output_dir: Path, model_dir: Path, *, force: bool, needed_bytes: int, keep_existing: bool = False
 ) -> None:
@@ -142,6 +159,7 @@ def prepare_output_dir(
                     "or --force to overwrite it"
                 )
             raise OutputError(f"--output_dir {output_dir} exists and is not empty; pass --force to overwrite it")
+        _refuse_foreign_config(output_dir)
         # The manifest goes first: a directory without one is never taken for a finished conversion.
         try:
             for name in (MANIFEST_FILE, CONFIG_FILE):

@@ -966,3 +966,16 @@ def test_api_rejects_non_integer_sizes(kwargs: dict[str, Any], expected: str, sr
         convert(src, tmp_path / "out", **kwargs)
     assert str(e.value) == expected
     assert not (tmp_path / "out").exists()
+
+
+def test_force_never_deletes_a_config_json_it_did_not_write(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--force replaces our own outputs; another model's config.json in the way is refused, untouched."""
+    out = tmp_path / "someone-elses-model"
+    out.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", out / "config.json")
+    before = (out / "config.json").read_bytes()
+    result = run_convert(tiny_checkpoint, out, "--force")
+    line = assert_error_line(result, 1, str(out), "config.json that moe-convert did not write")
+    assert "--force will not delete it" in line
+    assert (out / "config.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
