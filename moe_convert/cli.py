@@ -27,7 +27,7 @@ MAPPING_HELP = (
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 error (bad input, failed check, write failure); 2 usage or mapping error; "
-    "130 interrupted."
+    "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
 
 log = logging.getLogger("moe_convert")
@@ -270,19 +270,20 @@ def convert_command(
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
     )
     m = result.plan.mapping
-    log.info(
-        "converted %s -> %s: %d rank files, %.2f GB, %s, tp%d pp%d moe_tp%d moe_ep%d, %.1f s",
-        model_dir,
-        output_dir,
-        len(result.ranks),
-        result.bytes_written / 1e9,
-        result.plan.dtype,
-        m.tp_size,
-        m.pp_size,
-        m.moe_tp_size,
-        m.moe_ep_size,
-        result.seconds,
-    )
+    if len(result.kept) < len(result.ranks):  # else --resume found it complete and said so
+        log.info(
+            "converted %s -> %s: %d rank files, %.2f GB, %s, tp%d pp%d moe_tp%d moe_ep%d, %.1f s",
+            model_dir,
+            output_dir,
+            len(result.ranks),
+            result.bytes_written / 1e9,
+            result.plan.dtype,
+            m.tp_size,
+            m.pp_size,
+            m.moe_tp_size,
+            m.moe_ep_size,
+            result.seconds,
+        )
     if verify:
         _report_verify(result.output_dir, result.manifest["source"]["path"], quiet)
 
