@@ -42,6 +42,9 @@ def build_example_checkpoint(
     """
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a tiny model saves at once
 
     path = Path(path)
     torch.manual_seed(seed)
