@@ -25,7 +25,7 @@ from .plan import ConvertOptions, Plan, SourceTensor, plan_conversion
 from .resume import JOURNAL_FILE, Journal, ResumeState, resume_state, run_identity
 from .source import SourceCheckpoint, open_source
 from .trtllm_config import trtllm_config
-from .writer import PARTIAL_SUFFIX, layout_rank_file, write_json_atomic
+from .writer import layout_rank_file, write_json_atomic
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
@@ -442,8 +442,3 @@ def _log_rank_done(bar: Any) -> Any:
             log.info("wrote %s (%.2f GB, sha256 %s)", output_dir / r.file, r.bytes / 1e9, r.sha256[:16])
 
     return done
-
-
-def remove_partials(output_dir: Path) -> None:
-    for p in output_dir.glob(f"*{PARTIAL_SUFFIX}"):
-        p.unlink(missing_ok=True)

@@ -15,15 +15,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .header import DTYPES, TensorInfo
 from .plan import Box, Plan, RankPlan
 from .reading import SourceReader as _SourceReader
-from .reading import chunk_boxes as chunk_boxes
-from .reading import contiguous_run
+from .reading import chunk_boxes, contiguous_run
 from .reading import element_offset as _element_offset
 from .reading import intersect as _intersect
 from .writer import PARTIAL_SUFFIX, RankFileWriter
@@ -88,19 +86,6 @@ class WriteJob:
 
     def ranks(self) -> list[RankPlan]:
         return [r for r in self.plan.ranks if self.only_ranks is None or r.coords.rank in self.only_ranks]
-
-
-def execute_plan(
-    plan: Plan,
-    tensors: dict[str, TensorInfo],
-    output_dir: Path,
-    *,
-    only_ranks: set[int] | None = None,
-    **kwargs: Any,
-) -> list[RankResult]:
-    """Write every rank file of `plan` (or only `only_ranks`) into `output_dir`; see `execute_plans`."""
-    job = WriteJob(plan, output_dir, None if only_ranks is None else frozenset(only_ranks))
-    return execute_plans([job], tensors, **kwargs)[0]
 
 
 def execute_plans(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
+from .header import itemsize
 from .plan import RankPlan
 
 PARTIAL_SUFFIX = ".partial"
@@ -63,7 +64,7 @@ def padding_ranges(rank: RankPlan, layout: FileLayout) -> list[tuple[int, int]]:
     gaps = []
     for t in rank.tensors:
         base, covered = layout.offsets[t.name], 0
-        item = t.nbytes // max(1, _numel(t.shape))
+        item = itemsize(t.dtype)
         for p in sorted(t.pieces, key=lambda p: p.dst_offset):
             if p.dst_offset > covered:
                 gaps.append((base + covered, base + p.dst_offset))
@@ -71,13 +72,6 @@ def padding_ranges(rank: RankPlan, layout: FileLayout) -> list[tuple[int, int]]:
         if covered < t.nbytes:
             gaps.append((base + covered, base + t.nbytes))
     return gaps
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _Frontier:

@@ -32,6 +32,7 @@ from safetensors.torch import save
 
 from moe_convert import header as header_module
 from moe_convert.errors import MoeConvertError
+from moe_convert.example import TINY_CONFIG
 from moe_convert.header import DTYPES, MAX_HEADER_BYTES, read_header
 from moe_convert.source import INDEX_FILE, open_source, shard_files, spec_from_config_dict
 
@@ -44,17 +45,9 @@ FUZZ = settings(
 )
 
 CONFIG: dict[str, Any] = {
+    **TINY_CONFIG,
     "architectures": ["MixtralForCausalLM"],
     "model_type": "mixtral",
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 64,
     "rms_norm_eps": 1e-5,
     "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
     "dtype": "float32",
