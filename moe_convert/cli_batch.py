@@ -25,6 +25,7 @@ JOB_OPTIONS = (
     "use_parallel_embedding",
     "embedding_sharding_dim",
     "workers",
+    "no_direct_io",
     "force",
 )
 
@@ -92,7 +93,7 @@ def _plan(params: dict[str, Any], requests: list[MappingRequest] | None, json_ou
         dtype=params["dtype"],
         use_parallel_embedding=params["use_parallel_embedding"],
         embedding_sharding_dim=params["embedding_sharding_dim"],
-        workers=params.get("workers", 1),
+        workers=params.get("workers"),
         force=params.get("force", False),
         revision=params.get("revision"),
     )
@@ -115,6 +116,7 @@ def _convert(params: dict[str, Any], requests: list[MappingRequest] | None, json
         "use_parallel_embedding": params["use_parallel_embedding"],
         "embedding_sharding_dim": params["embedding_sharding_dim"],
         "workers": params["workers"],
+        "direct_io": not params.get("no_direct_io", False),
         "force": params["force"],
         "progress": not quiet,
         "revision": params.get("revision"),

@@ -214,7 +214,8 @@ def convert(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
+    direct_io: bool = True,
     force: bool = False,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -232,10 +233,12 @@ def convert(
         moe_tp_size, moe_ep_size: how the TP group is re-sliced for experts; None resolves as in the spec.
         dtype: auto, float16, bfloat16 or float32 (the router stays float32).
         use_parallel_embedding, embedding_sharding_dim: split the embedding over TP on dim 0 or 1.
-        workers: threads that overlap reading, casting and writing.
+        workers: threads that hash and write rank files while one thread reads and casts (default: one
+            per core, 2 to 8).
+        direct_io: write with O_DIRECT, past the page cache, where the file system allows (False: buffered).
         force: allow a non-empty output dir (our earlier outputs in it are replaced).
         progress: show a progress bar on stderr.
-        chunk_bytes: the most bytes of one source tensor held in memory at once, per worker.
+        chunk_bytes: the most bytes of one source tensor held in memory at once.
         revision: branch, tag or commit when model_dir is a hub repo id.
         resume: continue an interrupted conversion into output_dir: rank files its journal records as
             complete (size and sha256 re-checked) are kept, the rest written. Refused (UsageError naming
@@ -260,6 +263,7 @@ def convert(
         source,
         jobs,
         workers=workers,
+        direct_io=direct_io,
         force=force,
         progress=progress,
         chunk_bytes=chunk_bytes,
@@ -283,7 +287,8 @@ def convert_batch(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
+    direct_io: bool = True,
     force: bool = False,
     progress: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -334,6 +339,7 @@ def convert_batch(
         source,
         jobs,
         workers=workers,
+        direct_io=direct_io,
         force=force,
         progress=progress,
         chunk_bytes=chunk_bytes,
@@ -347,7 +353,8 @@ def _convert_jobs(
     source: SourceCheckpoint,
     jobs: list[tuple[Plan, Path]],
     *,
-    workers: int,
+    workers: int | None,
+    direct_io: bool = True,
     force: bool,
     progress: bool,
     chunk_bytes: int,
@@ -390,6 +397,7 @@ def _convert_jobs(
             write_jobs,
             source.tensors,
             workers=workers,
+            direct_io=direct_io,
             chunk_bytes=chunk_bytes,
             on_bytes=bar.update if bar else lambda n: None,
             on_rank_done=rank_done,

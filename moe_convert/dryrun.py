@@ -22,7 +22,7 @@ from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .plan import CODE_NAMES, ConvertOptions, Plan, plan_conversion
-from .writer import _HASH_BLOCK
+from .writer import BufferPool, default_write_threads
 
 # Interpreter, torch, transformers' config classes and the plan itself: about 150-200 MB measured on the
 # tiny model (RssAnon after a conversion); rounded up so the bound stays a bound for large plans.
@@ -117,7 +117,7 @@ def dry_run(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
-    workers: int = 1,
+    workers: int | None = None,
     force: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     revision: str | None = None,
@@ -165,7 +165,7 @@ def _job(
     options: ConvertOptions,
     out: Path | None,
     force: bool,
-    workers: int,
+    workers: int | None,
     chunk_bytes: int,
     *,
     check_disk: bool,
@@ -273,15 +273,16 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
     }
 
 
-def memory_bound(plans: Sequence[Plan], *, workers: int, chunk_bytes: int) -> dict[str, Any]:
-    """Peak host memory of a conversion, from how the executor works (execute.py, reading.py).
+def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:
+    """Peak host memory of a conversion, from how the executor works (execute.py, writer.py).
 
-    Each worker thread reads a source tensor through one reused buffer of `chunk_bytes`, then casts each
-    piece it needs into a new tensor; at most two pieces are alive at once (the next is made before the
-    last is dropped), each at most the chunk size times the output/input itemsize ratio. The hashing
-    thread reads back at most one block at a time. So:
+    One thread reads a source tensor through one reused buffer of `chunk_bytes`, then casts each piece
+    it needs into a new tensor; at most two pieces are alive at once (the next is made before the last is
+    dropped), each at most the chunk size times the output/input itemsize ratio. Every rank file holds
+    one staging buffer while it fills, and each write thread has two more in flight (writer.BufferPool).
+    All jobs of a batch share the pass, so their rank files count together. So:
 
-        bound = base + workers * (chunk_bytes + 2 * max_t min(chunk_bytes, bytes_t) * ratio_t) + hash_block
+        bound = base + chunk_bytes + 2 * max_t min(chunk_bytes, bytes_t) * ratio_t + staging
     """
     largest_piece = 0
     for plan in plans:
@@ -293,17 +294,19 @@ def memory_bound(plans: Sequence[Plan], *, workers: int, chunk_bytes: int) -> di
                     src_bytes = math.prod(src.shape) * itemsize(src.dtype)
                     cast = min(chunk_bytes, src_bytes) * out_item // itemsize(src.dtype)
                     largest_piece = max(largest_piece, cast)
-    per_worker = chunk_bytes + 2 * largest_piece
-    bound = BASE_MEMORY_BYTES + workers * per_worker + _HASH_BLOCK
+    n_files = sum(len(plan.ranks) for plan in plans)
+    threads = min(workers or default_write_threads(), max(1, n_files))
+    pool = BufferPool(n_files, threads)  # sizes only: buffers are made on first use
+    bound = BASE_MEMORY_BYTES + chunk_bytes + 2 * largest_piece + pool.bound_bytes
     return {
         "bound_bytes": bound,
         "base_bytes": BASE_MEMORY_BYTES,
-        "workers": workers,
+        "workers": threads,
         "chunk_bytes": chunk_bytes,
         "largest_cast_bytes": largest_piece,
-        "per_worker_bytes": per_worker,
-        "hash_block_bytes": _HASH_BLOCK,
-        "formula": "base + workers * (chunk_bytes + 2 * largest_cast_bytes) + hash_block_bytes",
+        "staging_bytes": pool.bound_bytes,
+        "staging_buffers": pool.count,
+        "formula": "base + chunk_bytes + 2 * largest_cast_bytes + staging_bytes",
     }
 
 
@@ -404,9 +407,9 @@ def render_text(run: DryRun) -> str:
         lines.append(_disk_line(run.disk))
     m = run.memory
     lines.append(
-        f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + {m['workers']} "
-        f"worker(s) x ({human_bytes(m['chunk_bytes'])} read buffer + 2 x {human_bytes(m['largest_cast_bytes'])} "
-        f"cast pieces) + {human_bytes(m['hash_block_bytes'])} hashing"
+        f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + "
+        f"{human_bytes(m['chunk_bytes'])} read buffer + 2 x {human_bytes(m['largest_cast_bytes'])} cast pieces + "
+        f"{human_bytes(m['staging_bytes'])} staging ({m['staging_buffers']} buffers, {m['workers']} write threads)"
     )
     problems = run.problems
     if problems:

@@ -1,7 +1,9 @@
-"""Run a plan: read each source tensor once, in file order, and scatter its pieces to the rank files.
+"""Run a plan: read each source tensor once and stream its pieces into the rank files, front to back.
 
-Memory stays bounded whatever the model size: a source tensor is read in contiguous chunks of at most
-`chunk_bytes` into a reused buffer, and each piece is cast and written straight to its byte offset.
+One thread reads: source tensors go in the order the rank files need them (each file fills from its
+front, see writer.py), plain byte ranges straight into the files' staging buffers, the rest in chunks of
+at most `chunk_bytes` through one reused buffer, sliced and cast piece by piece. Write threads hash and
+write full staging buffers meanwhile. Memory stays bounded whatever the model size.
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +24,11 @@ from .reading import SourceReader as _SourceReader
 from .reading import chunk_boxes, contiguous_run
 from .reading import element_offset as _element_offset
 from .reading import intersect as _intersect
-from .writer import PARTIAL_SUFFIX, RankFileWriter
+from .writer import PARTIAL_SUFFIX, BufferPool, RankFileWriter, WriteThreads, default_write_threads
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
-# sha256 runs at ~1.3 GB/s per core (read back from the page cache), no faster than a conversion writes:
-# several hash threads, each with its own rank files, keep up where cores allow (on 2 cores: no change).
-HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,7 @@ class _Target:
     box: Box
     offset: int  # absolute offset in the rank file
     dtype: torch.dtype
+    stage: int  # pipeline stage of the rank file
 
 
 @dataclass(frozen=True)
@@ -52,21 +50,25 @@ class RankResult:
 
 
 def _scatter(reader: _SourceReader, info: TensorInfo, targets: list[_Target], on_bytes: Callable[[int], None]) -> None:
-    """Read one source tensor chunk by chunk and write every piece of it that some rank needs."""
+    """Read one source tensor and write every piece of it that some rank needs, each file in its order."""
     item = info.torch_dtype.itemsize
-    # Pieces that are a plain byte range of the source (no cast, no column slice) are copied by the
-    # kernel, like `cp`: about twice as fast here as reading into memory and writing back (measured).
     to_read = []
-    for t in targets:
-        raw = t.dtype == info.torch_dtype and contiguous_run(t.box, info.shape)
-        if raw and reader.copy_to(info, t.box, t.writer, t.offset):
+    for t in sorted(targets, key=lambda t: t.offset):
+        if t.dtype == info.torch_dtype and contiguous_run(t.box, info.shape):
+            # A plain byte range of the source: read straight into the rank file's staging buffer.
+            reader.copy_to(info, t.box, t.writer, t.offset)
             on_bytes(math.prod(e - s for s, e in t.box) * item)
         else:
             to_read.append(t)
+    chunks = []
     for chunk in chunk_boxes(info.shape, item, reader.chunk_bytes):
         users = [(t, sub) for t in to_read if (sub := _intersect(chunk, t.box)) is not None]
-        if not users:
-            continue
+        if users:
+            chunks.append((chunk, users))
+    # Chunks in the order their pieces land (usually file order; not for a fused gate_up source, whose
+    # gate half comes first in the source but second in mlp.fc), so files keep filling from the front.
+    chunks.sort(key=lambda c: min(t.offset + _element_offset(sub, t.box) for t, sub in c[1]))
+    for chunk, users in chunks:
         data = reader.read(info, chunk)
         for t, sub in users:
             local = tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))
@@ -92,45 +94,57 @@ def execute_plans(
     jobs: Sequence[WriteJob],
     tensors: dict[str, TensorInfo],
     *,
-    workers: int = 1,
+    workers: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    direct_io: bool = True,
     on_bytes: Callable[[int], None] = lambda n: None,
     on_rank_done: Callable[[Path, RankResult], None] = lambda path, r: None,
 ) -> list[list[RankResult]]:
     """Write the rank files of every job, reading each needed source byte once for all of them.
 
-    Rank files appear under their final names only when complete and flushed; on any error every
-    temporary file is removed. Returns, per job, one result per rank file written.
+    `workers` threads hash and write (default: one per core, 2 to 8); `direct_io` writes past the page
+    cache where the file system allows. Rank files appear under their final names only when complete and
+    flushed; on any error every temporary file is removed. Returns, per job, one result per rank file.
     """
+    n_files = sum(len(job.ranks()) for job in jobs)
+    threads = WriteThreads(min(workers or default_write_threads(), max(1, n_files)))
+    pool = BufferPool(n_files, threads.count)
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
     try:
         by_source: dict[str, list[_Target]] = {}
+        lane = 0
         for job in jobs:
             writers.append([])
             for r in job.ranks():
-                w = RankFileWriter(job.output_dir / r.file, r)
+                w = RankFileWriter(job.output_dir / r.file, r, threads, pool, lane, direct=direct_io)
+                lane += 1
                 writers[-1].append(w)
                 for t in r.tensors:
                     for p in t.pieces:
-                        target = _Target(w, p.box, w.layout.offsets[t.name] + p.dst_offset, DTYPES[t.dtype])
+                        offset = w.layout.offsets[t.name] + p.dst_offset
+                        target = _Target(w, p.box, offset, DTYPES[t.dtype], r.coords.pp_rank)
                         by_source.setdefault(p.source, []).append(target)
-        # File by file; inside a file, in the order the rank files need the tensors (where the first piece
-        # lands), so every rank file fills front to back and its sha256 keeps pace instead of waiting for
-        # small tensors (norms, attention) that sort last in a shard. Each tensor is still one long read.
+        # In the order the rank files need the tensors: stage by stage, and inside a stage by where the
+        # first piece lands (every file of a stage has the same order). Sources saved layer by layer are
+        # then read front to back too; a source in another order is read tensor by tensor where needed.
         order = sorted(
             by_source,
-            key=lambda n: (str(tensors[n].file), min(t.offset for t in by_source[n]), tensors[n].start),
+            key=lambda n: (min((t.stage, t.offset) for t in by_source[n]), str(tensors[n].file), tensors[n].start),
         )
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
         all_writers = [w for ws in writers for w in ws]
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, on_rank_done)
-        _run(reader, [(tensors[n], by_source[n]) for n in order], all_writers, workers, on_bytes, commit_when_done)
+        for n in order:
+            _scatter(reader, tensors[n], by_source[n], on_bytes)
+            commit_when_done(by_source[n])
         reader.check_unchanged()
         for w in all_writers:  # writers no source tensor feeds (none in practice) are committed here
             commit_when_done.commit(w)
+        threads.close()  # waits for the last blocks, renames and checksums
         return [[commit_when_done.results[w] for w in ws] for ws in writers]
     except BaseException:
+        threads.close(cancel=True)  # before closing descriptors a write thread may still be using
         for ws in writers:
             for w in ws:
                 w.abort()
@@ -149,8 +163,8 @@ class _EarlyCommit:
     """Commits a rank file as soon as the last source tensor it needs is written, not at the end of the run.
 
     With pp > 1 the early stages' files are final (and survive an interruption, for --resume) long before
-    the last stage's are. Called from whichever thread finished the tensor; the hash lock in the writer
-    keeps the hash thread and a commit from hashing the same file at once.
+    the last stage's are. The flush and rename run on the file's write thread, which then records the
+    result (under a lock: write threads finish files concurrently).
     """
 
     def __init__(
@@ -171,108 +185,28 @@ class _EarlyCommit:
         for targets in by_source.values():
             for w in dict.fromkeys(t.writer for t in targets):
                 self.remaining[w] += 1
+        self.finishing: set[RankFileWriter] = set()
         self.results: dict[RankFileWriter, RankResult] = {}
         self.lock = threading.Lock()
 
     def __call__(self, targets: list[_Target]) -> None:
-        ready = []
-        with self.lock:
-            for w in dict.fromkeys(t.writer for t in targets):
-                self.remaining[w] -= 1
-                if self.remaining[w] == 0:
-                    ready.append(w)
-        for w in ready:
-            self.commit(w)
+        for w in dict.fromkeys(t.writer for t in targets):
+            self.remaining[w] -= 1
+            if self.remaining[w] == 0:
+                self.commit(w)
 
     def commit(self, w: RankFileWriter) -> None:
-        with self.lock:
-            if w in self.results:
-                return
+        if w in self.finishing:
+            return
+        self.finishing.add(w)
         # A source shard rewritten during the run would make this file a mix of old and new bytes.
         self.reader.check_unchanged()
         output_dir, file = self.where[w]
-        result = RankResult(file, w.layout.size, w.commit())
-        with self.lock:
-            self.results[w] = result
-            self.on_rank_done(output_dir, result)
 
+        def done(sha256: str) -> None:
+            result = RankResult(file, w.layout.size, sha256)
+            with self.lock:
+                self.results[w] = result
+                self.on_rank_done(output_dir, result)
 
-def _run(
-    reader: _SourceReader,
-    work: list[tuple[TensorInfo, list[_Target]]],
-    writers: list[RankFileWriter],
-    workers: int,
-    on_bytes: Callable[[int], None],
-    on_tensor_done: Callable[[list[_Target]], None] = lambda targets: None,
-) -> None:
-    """Scatter every source tensor; with workers > 1, tensors overlap (reads, casts and writes drop the GIL).
-
-    Hash threads hash the rank files' completed prefixes meanwhile (sha256 drops the GIL), each its own
-    share of the files, so checksums overlap the conversion instead of following it.
-    """
-    stop = threading.Event()
-    hash_errors: list[BaseException] = []
-
-    def hash_loop(mine: list[RankFileWriter]) -> None:
-        try:
-            while not stop.wait(0.05):
-                for w in mine:
-                    w.hash_ready()
-        except BaseException as e:  # surfaced below; the main loop must not hang on it
-            hash_errors.append(e)
-
-    n = max(1, min(HASH_THREADS, len(writers)))
-    hashers = [
-        threading.Thread(target=hash_loop, args=(writers[k::n],), name=f"moe-convert-hash{k}", daemon=True)
-        for k in range(n)
-    ]
-    for h in hashers:
-        h.start()
-    try:
-        if workers <= 1:
-            for info, targets in work:
-                _scatter(reader, info, targets, on_bytes)
-                on_tensor_done(targets)
-        else:
-            _run_parallel(reader, work, workers, on_bytes, on_tensor_done)
-    finally:
-        stop.set()
-        for h in hashers:
-            h.join()
-    if hash_errors:
-        raise hash_errors[0]
-
-
-def _run_parallel(
-    reader: _SourceReader,
-    work: list[tuple[TensorInfo, list[_Target]]],
-    workers: int,
-    on_bytes: Callable[[int], None],
-    on_tensor_done: Callable[[list[_Target]], None] = lambda targets: None,
-) -> None:
-    lock = threading.Lock()
-
-    def counted(n: int) -> None:
-        with lock:
-            on_bytes(n)
-
-    def task(info: TensorInfo, targets: list[_Target]) -> None:
-        _scatter(reader, info, targets, counted)
-        on_tensor_done(targets)
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moe-convert") as pool:
-        # At most 2 tensors per worker in flight keeps reads roughly in file order and memory bounded.
-        pending: set[Future[None]] = set()
-        try:
-            for info, targets in work:
-                if len(pending) >= 2 * workers:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        f.result()
-                pending.add(pool.submit(task, info, targets))
-            for f in pending:
-                f.result()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+        w.finish(done)

@@ -27,6 +27,7 @@ _JOB_KEYS: dict[str, type | tuple[type, ...]] = {
     "use_parallel_embedding": bool,
     "embedding_sharding_dim": int,
     "workers": int,
+    "no_direct_io": bool,
     "force": bool,
     "mappings": list,
 }

@@ -6,7 +6,6 @@ single positioned read into a reused buffer, and a tensor is read front to back 
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import threading
@@ -79,7 +78,6 @@ class SourceReader:
         self.stats = {f: os.fstat(fd) for f, fd in self.fds.items()}
         self.chunk_bytes = chunk_bytes
         self.local = threading.local()
-        self.kernel_copy = hasattr(os, "copy_file_range")
 
     def read(self, info: TensorInfo, chunk: Box) -> torch.Tensor:
         item = info.torch_dtype.itemsize
@@ -100,30 +98,20 @@ class SourceReader:
             return torch.empty(shape, dtype=info.torch_dtype)
         return torch.frombuffer(view, dtype=info.torch_dtype).reshape(shape)
 
-    def copy_to(self, info: TensorInfo, box: Box, writer: RankFileWriter, offset: int) -> bool:
-        """Copy `box` byte for byte inside the kernel (copy_file_range, no trip through user memory).
-
-        Only for a box that is one contiguous run of the file; returns False, and stops trying for the
-        rest of the run, where the file systems cannot do it (e.g. across devices), so the caller reads.
-        """
-        if not self.kernel_copy:
-            return False
+    def copy_to(self, info: TensorInfo, box: Box, writer: RankFileWriter, offset: int) -> None:
+        """Copy `box`, one contiguous run of the file, byte for byte into `writer` at `offset`."""
         item = info.torch_dtype.itemsize
         start = info.start + element_offset(box, tuple((0, d) for d in info.shape)) * item
         n = math.prod(e - s for s, e in box) * item
         try:
             copied = writer.copy_from(self.fds[info.file], start, n, offset)
         except OSError as e:
-            if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                self.kernel_copy = False
-                return False
-            raise
+            raise CheckpointError(f"{info.file}: tensor {info.name!r}: cannot read: {e.strerror or e}") from e
         if copied != n:
             raise CheckpointError(
                 f"{info.file}: tensor {info.name!r}: copied {copied} of {n} bytes at offset {start}; "
                 "the file was truncated or changed while converting"
             )
-        return True
 
     def check_unchanged(self) -> None:
         for f, before in self.stats.items():

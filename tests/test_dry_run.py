@@ -16,7 +16,7 @@ from moe_convert import convert, dry_run, plan
 from moe_convert.cli import convert_command, main
 from moe_convert.dryrun import BASE_MEMORY_BYTES, human_bytes, id_ranges
 from moe_convert.errors import MappingError
-from moe_convert.writer import _HASH_BLOCK
+from moe_convert.writer import BufferPool
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_8X22B = REPO.parent / "shared" / "model-configs" / "mixtral-8x22b-v0.1.config.json"
@@ -70,7 +70,11 @@ def test_8x22b_rank_table_fields(plan_8x22b: dict[str, Any]) -> None:
     mem = doc["memory"]
     chunk = 64 * 2**20  # every 8x22B tensor but the norms and routers is larger than a chunk
     assert mem["largest_cast_bytes"] == chunk
-    assert mem["bound_bytes"] == BASE_MEMORY_BYTES + 2 * (chunk + 2 * chunk) + _HASH_BLOCK
+    # One read buffer and two cast pieces; a staging buffer per rank file plus two per write thread.
+    staging = BufferPool(8, 2)
+    assert mem["workers"] == 2 and staging.count == 8 + 2 * 2 and staging.size == 8 * 2**20
+    assert mem["staging_bytes"] == staging.bound_bytes == 12 * 8 * 2**20
+    assert mem["bound_bytes"] == BASE_MEMORY_BYTES + chunk + 2 * chunk + staging.bound_bytes
 
 
 def test_dry_run_document_is_the_manifest_of_the_real_conversion(tiny_checkpoint: Path, tmp_path: Path) -> None:
