@@ -125,13 +125,7 @@ def execute_plans(
                         offset = w.layout.offsets[t.name] + p.dst_offset
                         target = _Target(w, p.box, offset, DTYPES[t.dtype], r.coords.pp_rank)
                         by_source.setdefault(p.source, []).append(target)
-        # In the order the rank files need the tensors: stage by stage, and inside a stage by where the
-        # first piece lands (every file of a stage has the same order). Sources saved layer by layer are
-        # then read front to back too; a source in another order is read tensor by tensor where needed.
-        order = sorted(
-            by_source,
-            key=lambda n: (min((t.stage, t.offset) for t in by_source[n]), str(tensors[n].file), tensors[n].start),
-        )
+        order = _write_order(by_source, tensors)
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
         all_writers = [w for ws in writers for w in ws]
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, on_rank_done)
@@ -157,6 +151,19 @@ def execute_plans(
     finally:
         if reader is not None:
             reader.close()
+
+
+def _write_order(by_source: dict[str, list[_Target]], tensors: dict[str, TensorInfo]) -> list[str]:
+    """Source tensors in the order the rank files need them, so each file fills from its front.
+
+    Stage by stage, and inside a stage by where the first piece lands (every file of a stage has the same
+    tensor order). Sources saved layer by layer are then read front to back too. Any other order gives the
+    same files, only slower: bytes that arrive ahead of a file's front are parked and read back.
+    """
+    return sorted(
+        by_source,
+        key=lambda n: (min((t.stage, t.offset) for t in by_source[n]), str(tensors[n].file), tensors[n].start),
+    )
 
 
 class _EarlyCommit:

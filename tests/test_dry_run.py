@@ -72,8 +72,8 @@ def test_8x22b_rank_table_fields(plan_8x22b: dict[str, Any]) -> None:
     assert mem["largest_cast_bytes"] == chunk
     # One read buffer and two cast pieces; a staging buffer per rank file plus two per write thread.
     staging = BufferPool(8, 2)
-    assert mem["workers"] == 2 and staging.count == 8 + 2 * 2 and staging.size == 8 * 2**20
-    assert mem["staging_bytes"] == staging.bound_bytes == 12 * 8 * 2**20
+    assert mem["workers"] == 2 and staging.count == 8 + 2 * 2 and staging.size == 2**20
+    assert mem["staging_bytes"] == staging.bound_bytes == 12 * 2**20
     assert mem["bound_bytes"] == BASE_MEMORY_BYTES + chunk + 2 * chunk + staging.bound_bytes
 
 
