@@ -196,7 +196,8 @@ def batch_options(fn: F) -> F:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Threads that hash and write rank files while one thread reads and casts [default: one per core, 2-8].",
+    help="Write threads; each owns some rank files and reads, hashes and writes their bytes [default: two per "
+    "core, 8-16].",
 )
 @_opt(
     "--no_direct_io",

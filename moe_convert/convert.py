@@ -233,8 +233,8 @@ def convert(
         moe_tp_size, moe_ep_size: how the TP group is re-sliced for experts; None resolves as in the spec.
         dtype: auto, float16, bfloat16 or float32 (the router stays float32).
         use_parallel_embedding, embedding_sharding_dim: split the embedding over TP on dim 0 or 1.
-        workers: threads that hash and write rank files while one thread reads and casts (default: one
-            per core, 2 to 8).
+        workers: write threads; each owns some rank files and reads, hashes and writes their bytes (default:
+            two per core, 8 to 16).
         direct_io: write with O_DIRECT, past the page cache, where the file system allows (False: buffered).
         force: allow a non-empty output dir (our earlier outputs in it are replaced).
         progress: show a progress bar on stderr.

@@ -22,7 +22,7 @@ from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .plan import CODE_NAMES, ConvertOptions, Plan, plan_conversion
-from .writer import BufferPool, default_write_threads
+from .writer import default_write_threads, staging_buffer_bytes
 
 # Interpreter, torch, transformers' config classes and the plan itself: about 150-200 MB measured on the
 # tiny model (RssAnon after a conversion); rounded up so the bound stays a bound for large plans.
@@ -276,13 +276,13 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
 def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:
     """Peak host memory of a conversion, from how the executor works (execute.py, writer.py).
 
-    One thread reads a source tensor through one reused buffer of `chunk_bytes`, then casts each piece
-    it needs into a new tensor; at most two pieces are alive at once (the next is made before the last is
-    dropped), each at most the chunk size times the output/input itemsize ratio. Every rank file holds
-    one staging buffer while it fills, and each write thread has two more in flight (writer.BufferPool).
-    All jobs of a batch share the pass, so their rank files count together. So:
+    The main thread reads a source tensor through one reused buffer of `chunk_bytes` and casts the
+    pieces of one chunk (per job at most a chunk times the output/input itemsize ratio: largest_cast);
+    cast pieces handed to the write threads and not yet written stay under `chunk_bytes`. Every rank file
+    has one staging buffer (1 MiB; 256 KiB each beyond 256 files). All jobs of a batch share the pass, so
+    their rank files count together. So:
 
-        bound = base + chunk_bytes + 2 * max_t min(chunk_bytes, bytes_t) * ratio_t + staging
+        bound = base + 2 * chunk_bytes + jobs * largest_cast + rank_files * staging_buffer
     """
     largest_piece = 0
     for plan in plans:
@@ -295,18 +295,16 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
                     cast = min(chunk_bytes, src_bytes) * out_item // itemsize(src.dtype)
                     largest_piece = max(largest_piece, cast)
     n_files = sum(len(plan.ranks) for plan in plans)
-    threads = min(workers or default_write_threads(), max(1, n_files))
-    pool = BufferPool(n_files, threads)  # sizes only: buffers are made on first use
-    bound = BASE_MEMORY_BYTES + chunk_bytes + 2 * largest_piece + pool.bound_bytes
+    staging = n_files * staging_buffer_bytes(n_files)
+    bound = BASE_MEMORY_BYTES + 2 * chunk_bytes + len(plans) * largest_piece + staging
     return {
         "bound_bytes": bound,
         "base_bytes": BASE_MEMORY_BYTES,
-        "workers": threads,
+        "workers": min(workers or default_write_threads(), max(1, n_files)),
         "chunk_bytes": chunk_bytes,
         "largest_cast_bytes": largest_piece,
-        "staging_bytes": pool.bound_bytes,
-        "staging_buffers": pool.count,
-        "formula": "base + chunk_bytes + 2 * largest_cast_bytes + staging_bytes",
+        "staging_bytes": staging,
+        "formula": "base + 2 * chunk_bytes + jobs * largest_cast_bytes + staging_bytes",
     }
 
 
@@ -407,9 +405,9 @@ def render_text(run: DryRun) -> str:
         lines.append(_disk_line(run.disk))
     m = run.memory
     lines.append(
-        f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + "
-        f"{human_bytes(m['chunk_bytes'])} read buffer + 2 x {human_bytes(m['largest_cast_bytes'])} cast pieces + "
-        f"{human_bytes(m['staging_bytes'])} staging ({m['staging_buffers']} buffers, {m['workers']} write threads)"
+        f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + 2 x "
+        f"{human_bytes(m['chunk_bytes'])} read buffer and queued pieces + {human_bytes(m['largest_cast_bytes'])} "
+        f"cast pieces + {human_bytes(m['staging_bytes'])} staging buffers"
     )
     problems = run.problems
     if problems:

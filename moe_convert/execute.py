@@ -1,16 +1,17 @@
 """Run a plan: read each source tensor once and stream its pieces into the rank files, front to back.
 
-One thread reads: source tensors go in the order the rank files need them (each file fills from its
-front, see writer.py), plain byte ranges straight into the files' staging buffers, the rest in chunks of
-at most `chunk_bytes` through one reused buffer, sliced and cast piece by piece. Write threads hash and
-write full staging buffers meanwhile. Memory stays bounded whatever the model size.
+The main thread walks the source tensors in the order the rank files need them (each file fills from its
+front, see writer.py) and hands the work to the files' lanes (write threads): a piece that is a plain
+byte range of the source is read by the lane straight into the file's staging buffer; the others are
+read by the main thread in chunks of at most `chunk_bytes` through one reused buffer, sliced and cast,
+and handed over as pieces, at most about a chunk's worth waiting at a time. Memory stays bounded
+whatever the model size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .reading import SourceReader as _SourceReader
 from .reading import chunk_boxes, contiguous_run
 from .reading import element_offset as _element_offset
 from .reading import intersect as _intersect
-from .writer import PARTIAL_SUFFIX, BufferPool, RankFileWriter, WriteThreads, default_write_threads
+from .writer import PARTIAL_SUFFIX, RankFileWriter, WriteThreads, default_write_threads, staging_buffer_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,46 @@ class RankResult:
     sha256: str
 
 
-def _scatter(reader: _SourceReader, info: TensorInfo, targets: list[_Target], on_bytes: Callable[[int], None]) -> None:
-    """Read one source tensor and write every piece of it that some rank needs, each file in its order."""
+class _Budget:
+    """Bytes of cast pieces handed to lanes and not yet written: the main thread waits above `limit`."""
+
+    def __init__(self, limit: int, check: Callable[[], None]) -> None:
+        self.limit, self.check = limit, check
+        self.held = 0
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self.cond:
+            while self.held and self.held + n > self.limit:
+                self.check()
+                self.cond.wait(0.1)
+            self.held += n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.held -= n
+            self.cond.notify_all()
+
+
+@dataclass
+class _Context:
+    reader: _SourceReader
+    lanes: WriteThreads
+    budget: _Budget
+    on_bytes: Callable[[int], None]  # thread-safe
+
+
+def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
+    """Hand every piece of one source tensor to its rank file's lane, each file's pieces in file order."""
     item = info.torch_dtype.itemsize
     to_read = []
     for t in sorted(targets, key=lambda t: t.offset):
         if t.dtype == info.torch_dtype and contiguous_run(t.box, info.shape):
-            # A plain byte range of the source: read straight into the rank file's staging buffer.
-            reader.copy_to(info, t.box, t.writer, t.offset)
-            on_bytes(math.prod(e - s for s, e in t.box) * item)
+            _submit_copy(ctx, info, t)
         else:
             to_read.append(t)
     chunks = []
-    for chunk in chunk_boxes(info.shape, item, reader.chunk_bytes):
+    for chunk in chunk_boxes(info.shape, item, ctx.reader.chunk_bytes):
         users = [(t, sub) for t in to_read if (sub := _intersect(chunk, t.box)) is not None]
         if users:
             chunks.append((chunk, users))
@@ -69,13 +97,36 @@ def _scatter(reader: _SourceReader, info: TensorInfo, targets: list[_Target], on
     # gate half comes first in the source but second in mlp.fc), so files keep filling from the front.
     chunks.sort(key=lambda c: min(t.offset + _element_offset(sub, t.box) for t, sub in c[1]))
     for chunk, users in chunks:
-        data = reader.read(info, chunk)
+        data = ctx.reader.read(info, chunk)
+        made: dict[tuple[Box, torch.dtype], memoryview] = {}  # replicas of a piece share one copy
         for t, sub in users:
-            local = tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))
-            piece = data[local].to(t.dtype).contiguous()
-            offset = t.offset + _element_offset(sub, t.box) * t.dtype.itemsize
-            t.writer.write(offset, piece.reshape(-1).view(torch.uint8).numpy())
-            on_bytes(piece.numel() * t.dtype.itemsize)
+            piece = made.get((sub, t.dtype))
+            if piece is None:
+                local = tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))
+                cast = data[local].to(t.dtype).contiguous()
+                piece = made[(sub, t.dtype)] = cast.reshape(-1).view(torch.uint8).numpy().data
+            _submit_write(ctx, t.writer, t.offset + _element_offset(sub, t.box) * t.dtype.itemsize, piece)
+
+
+def _submit_copy(ctx: _Context, info: TensorInfo, t: _Target) -> None:
+    start, n = ctx.reader.byte_range(info, t.box)
+
+    def copy() -> None:
+        ctx.reader.copy_to(info, start, n, t.writer, t.offset)
+        ctx.on_bytes(n)
+
+    ctx.lanes.submit(t.writer.lane, copy)
+
+
+def _submit_write(ctx: _Context, w: RankFileWriter, offset: int, piece: memoryview) -> None:
+    n = len(piece)
+    ctx.budget.take(n)
+
+    def write() -> None:
+        w.write(offset, piece)
+        ctx.on_bytes(n)
+
+    ctx.lanes.submit(w.lane, write, lambda: ctx.budget.give(n))
 
 
 @dataclass(frozen=True)
@@ -102,23 +153,23 @@ def execute_plans(
 ) -> list[list[RankResult]]:
     """Write the rank files of every job, reading each needed source byte once for all of them.
 
-    `workers` threads hash and write (default: one per core, 2 to 8); `direct_io` writes past the page
-    cache where the file system allows. Rank files appear under their final names only when complete and
-    flushed; on any error every temporary file is removed. Returns, per job, one result per rank file.
+    `workers` write threads share the rank files (default: two per core, 8 to 16); `direct_io` writes past
+    the page cache where the file system allows. Rank files appear under their final names only when
+    complete and flushed; on any error every temporary file is removed. Returns, per job, one result per
+    rank file written.
     """
     n_files = sum(len(job.ranks()) for job in jobs)
-    threads = WriteThreads(min(workers or default_write_threads(), max(1, n_files)))
-    pool = BufferPool(n_files, threads.count)
+    lanes = WriteThreads(min(workers or default_write_threads(), max(1, n_files)))
+    buffer_bytes = staging_buffer_bytes(n_files)
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
     try:
         by_source: dict[str, list[_Target]] = {}
-        lane = 0
         for job in jobs:
             writers.append([])
             for r in job.ranks():
-                w = RankFileWriter(job.output_dir / r.file, r, threads, pool, lane, direct=direct_io)
-                lane += 1
+                lane = sum(len(ws) for ws in writers) % lanes.count
+                w = RankFileWriter(job.output_dir / r.file, r, lane, direct=direct_io, buffer_bytes=buffer_bytes)
                 writers[-1].append(w)
                 for t in r.tensors:
                     for p in t.pieces:
@@ -127,18 +178,24 @@ def execute_plans(
                         by_source.setdefault(p.source, []).append(target)
         order = _write_order(by_source, tensors)
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
-        all_writers = [w for ws in writers for w in ws]
-        commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, on_rank_done)
+        lock = threading.Lock()
+
+        def counted(n: int) -> None:
+            with lock:
+                on_bytes(n)
+
+        ctx = _Context(reader, lanes, _Budget(chunk_bytes, lanes.check), counted)
+        commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
-            _scatter(reader, tensors[n], by_source[n], on_bytes)
+            _scatter(ctx, tensors[n], by_source[n])
             commit_when_done(by_source[n])
-        reader.check_unchanged()
-        for w in all_writers:  # writers no source tensor feeds (none in practice) are committed here
-            commit_when_done.commit(w)
-        threads.close()  # waits for the last blocks, renames and checksums
+        for ws in writers:  # writers no source tensor feeds (none in practice) are committed here
+            for w in ws:
+                commit_when_done.commit(w)
+        lanes.close()  # waits for the last pieces, checksums and renames
         return [[commit_when_done.results[w] for w in ws] for ws in writers]
     except BaseException:
-        threads.close(cancel=True)  # before closing descriptors a write thread may still be using
+        lanes.close(cancel=True)  # before closing descriptors a lane may still be using
         for ws in writers:
             for w in ws:
                 w.abort()
@@ -167,11 +224,11 @@ def _write_order(by_source: dict[str, list[_Target]], tensors: dict[str, TensorI
 
 
 class _EarlyCommit:
-    """Commits a rank file as soon as the last source tensor it needs is written, not at the end of the run.
+    """Commits a rank file as soon as the last source tensor it needs is handed over, not at the end.
 
     With pp > 1 the early stages' files are final (and survive an interruption, for --resume) long before
-    the last stage's are. The flush and rename run on the file's write thread, which then records the
-    result (under a lock: write threads finish files concurrently).
+    the last stage's are. The commit runs on the file's lane after its last piece; results are recorded
+    under a lock, as lanes finish files concurrently.
     """
 
     def __init__(
@@ -180,19 +237,21 @@ class _EarlyCommit:
         writers: list[list[RankFileWriter]],
         by_source: dict[str, list[_Target]],
         reader: _SourceReader,
+        lanes: WriteThreads,
         on_rank_done: Callable[[Path, RankResult], None],
     ) -> None:
         self.reader = reader
+        self.lanes = lanes
         self.on_rank_done = on_rank_done
         self.where: dict[RankFileWriter, tuple[Path, str]] = {}
         for job, ws in zip(jobs, writers, strict=True):
             for r, w in zip(job.ranks(), ws, strict=True):
                 self.where[w] = (job.output_dir, r.file)
-        self.remaining = dict.fromkeys(self.where, 0)  # source tensors still to scatter, per writer
+        self.remaining = dict.fromkeys(self.where, 0)  # source tensors still to hand over, per writer
         for targets in by_source.values():
             for w in dict.fromkeys(t.writer for t in targets):
                 self.remaining[w] += 1
-        self.finishing: set[RankFileWriter] = set()
+        self.committing: set[RankFileWriter] = set()
         self.results: dict[RankFileWriter, RankResult] = {}
         self.lock = threading.Lock()
 
@@ -203,17 +262,17 @@ class _EarlyCommit:
                 self.commit(w)
 
     def commit(self, w: RankFileWriter) -> None:
-        if w in self.finishing:
+        if w in self.committing:
             return
-        self.finishing.add(w)
-        # A source shard rewritten during the run would make this file a mix of old and new bytes.
-        self.reader.check_unchanged()
+        self.committing.add(w)
         output_dir, file = self.where[w]
 
-        def done(sha256: str) -> None:
-            result = RankResult(file, w.layout.size, sha256)
+        def finish() -> None:
+            # A source shard rewritten during the run would make this file a mix of old and new bytes.
+            self.reader.check_unchanged()
+            result = RankResult(file, w.layout.size, w.finish())
             with self.lock:
                 self.results[w] = result
                 self.on_rank_done(output_dir, result)
 
-        w.finish(done)
+        self.lanes.submit(w.lane, finish)

@@ -98,11 +98,14 @@ class SourceReader:
             return torch.empty(shape, dtype=info.torch_dtype)
         return torch.frombuffer(view, dtype=info.torch_dtype).reshape(shape)
 
-    def copy_to(self, info: TensorInfo, box: Box, writer: RankFileWriter, offset: int) -> None:
-        """Copy `box`, one contiguous run of the file, byte for byte into `writer` at `offset`."""
+    def byte_range(self, info: TensorInfo, box: Box) -> tuple[int, int]:
+        """Where `box`, one contiguous run of the tensor, lies in its file: (offset, length)."""
         item = info.torch_dtype.itemsize
         start = info.start + element_offset(box, tuple((0, d) for d in info.shape)) * item
-        n = math.prod(e - s for s, e in box) * item
+        return start, math.prod(e - s for s, e in box) * item
+
+    def copy_to(self, info: TensorInfo, start: int, n: int, writer: RankFileWriter, offset: int) -> None:
+        """Copy n bytes of `info`'s file from `start`, byte for byte, into `writer` at `offset`."""
         try:
             copied = writer.copy_from(self.fds[info.file], start, n, offset)
         except OSError as e:

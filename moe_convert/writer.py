@@ -1,11 +1,13 @@
 """Streaming safetensors writer: the header comes from the plan, then each rank file fills front to back.
 
 safetensors' own writers need every tensor in memory at once; a rank file of a real model is tens of GB.
-We lay each rank file out from the plan and stream its bytes, in file order, through page-aligned staging
-buffers: the reading thread copies source bytes in, and write threads hash each full buffer (sha256, in
-file order, from memory) and write it with O_DIRECT, past the page cache. On the 2-core benchmark VM a
-buffered write costs ~1.8 CPU-seconds per GB in the kernel against ~0.1 with O_DIRECT (dd of 8.4 GB:
-15.2 s vs 4.6 s, measured), and 300 GB of dirty pages would push everything else out of memory.
+We lay each rank file out from the plan and stream its bytes in file order through one page-aligned
+staging buffer per file. Each file belongs to one write thread (its lane), which does all its work in
+order: reads source bytes into the buffer, hashes the buffer while it is still in the CPU cache (sha256
+is sequential within a file, so files, not bytes, are what runs in parallel), and writes it with O_DIRECT,
+past the page cache. On the 2-core benchmark VM a buffered write costs ~1.8 CPU-seconds per GB in the
+kernel against ~0.1 with O_DIRECT (dd of 8.4 GB: 15.2 s vs 4.6 s, measured), and 300 GB of dirty pages
+would push everything else out of memory.
 
 Bytes that arrive ahead of a file's front (a source whose tensor order differs from ours) are parked in
 the file through the page cache and streamed in when the front reaches them. Where O_DIRECT is refused
@@ -37,14 +39,12 @@ PARTIAL_SUFFIX = ".partial"
 # O_DIRECT writes whole blocks at block offsets; a page also keeps buffered (parked) and direct writes of
 # one file from ever sharing a page, which the kernel cannot keep coherent.
 ALIGN = max(4096, mmap.PAGESIZE)
-# Staging buffers of 1 MB: the write thread hashes a buffer while it is still in the CPU cache; 8 MB
-# buffers made the conversion ~10% slower (2-layer tp8/moe_ep8: 11.9-12.1 s vs 10.7-11.0 s, measured),
-# smaller ones cost more system calls. Each rank file holds one while it fills (down to 256 KB when there
-# are over 256 of them) and each write thread has two more in flight.
+# A 1 MB staging buffer per rank file (256 KB each beyond 256 files): hashed while still in the CPU cache
+# of the thread that filled it; 8 MB buffers made the conversion ~10% slower (2-layer tp8/moe_ep8:
+# 11.9-12.1 s vs 10.7-11.0 s, measured), smaller ones cost more system calls.
 _MAX_BUFFER = 2**20
 _MIN_BUFFER = 256 * 2**10
 _STAGING_BUDGET = 256 * 2**20
-_IN_FLIGHT_PER_THREAD = 2
 _sha256 = hashlib.sha256  # one place to swap the hash out (benchmarks/bench_checksum.py measures its cost)
 _ZEROS = bytes(_MIN_BUFFER)
 
@@ -96,50 +96,23 @@ def padding_ranges(rank: RankPlan, layout: FileLayout) -> list[tuple[int, int]]:
     return gaps
 
 
-class BufferPool:
-    """A bounded set of page-aligned staging buffers, made on first use and reused."""
-
-    def __init__(self, n_files: int, threads: int, buffer_bytes: int | None = None) -> None:
-        share = _STAGING_BUDGET // max(1, n_files)
-        size = buffer_bytes or max(_MIN_BUFFER, min(_MAX_BUFFER, share))
-        self.size = max(ALIGN, size // ALIGN * ALIGN)
-        self.count = n_files + _IN_FLIGHT_PER_THREAD * threads
-        self._free: list[mmap.mmap] = []
-        self._made = 0
-        self._cond = threading.Condition()
-
-    @property
-    def bound_bytes(self) -> int:
-        return self.count * self.size
-
-    def get(self, check: Callable[[], None]) -> mmap.mmap:
-        """A free buffer; waits for a write thread to return one (`check` raises if one failed)."""
-        with self._cond:
-            while True:
-                if self._free:
-                    return self._free.pop()
-                if self._made < self.count:
-                    self._made += 1
-                    return mmap.mmap(-1, self.size)
-                check()
-                self._cond.wait(0.1)
-
-    def put(self, buf: mmap.mmap) -> None:
-        with self._cond:
-            self._free.append(buf)
-            self._cond.notify()
+def staging_buffer_bytes(n_files: int) -> int:
+    share = _STAGING_BUDGET // max(1, n_files)
+    return max(_MIN_BUFFER, min(_MAX_BUFFER, share)) // ALIGN * ALIGN
 
 
 def default_write_threads() -> int:
-    """One per core, at least 2 (hashing and writing overlap even on one core), at most 8."""
-    return max(2, min(8, os.cpu_count() or 1))
+    """Two per core, 8 to 16: a thread waiting for its O_DIRECT write leaves the core to another (2-layer
+    tp8/moe_ep8 on 2 cores: 5.0-5.1 s with 8 threads, 6.6-6.7 s with 4, measured)."""
+    return max(8, min(16, 2 * (os.cpu_count() or 1)))
 
 
 class WriteThreads:
-    """Threads that hash and write full staging buffers while the main thread reads and casts.
+    """The lanes: threads that each do all the work of their rank files, in the order it was submitted.
 
-    Each rank file keeps to one thread (its lane), so its buffers are hashed in file order; sha256 and
-    pwrite release the GIL. The first error stops the work and is raised in the main thread.
+    Reads, sha256 and writes release the GIL, so lanes run in parallel with each other and with the
+    main thread, which plans, casts and submits. The first error stops the work and is raised in the
+    main thread (by submit, check or close).
     """
 
     def __init__(self, count: int) -> None:
@@ -156,7 +129,7 @@ class WriteThreads:
         for t in self._threads:
             t.start()
 
-    def submit(self, lane: int, job: Callable[[], None], release: Callable[[], None]) -> None:
+    def submit(self, lane: int, job: Callable[[], None], release: Callable[[], None] = lambda: None) -> None:
         """Run `job` on the lane's thread after everything submitted to it before; `release` always runs."""
         self.check()
         self._queues[lane % self.count].put((job, release))
@@ -191,18 +164,19 @@ class WriteThreads:
 class RankFileWriter:
     """One rank file, written front to back under a temporary name; `finish` flushes and renames it.
 
-    The main thread calls write / copy_from / finish; the file's write thread hashes and writes. Bytes
+    After construction every call runs on the file's lane (see WriteThreads), one at a time. Bytes
     before `front` are staged or written; complete ranges past it wait in `_ahead` (parked in the file,
     or padding that stays zero) until the front reaches them.
     """
 
     def __init__(
-        self, path: Path, rank: RankPlan, threads: WriteThreads, pool: BufferPool, lane: int, *, direct: bool = True
+        self, path: Path, rank: RankPlan, lane: int, *, direct: bool = True, buffer_bytes: int = _MAX_BUFFER
     ) -> None:
         self.path = path
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self.layout = layout_rank_file(rank)
-        self._threads, self._pool, self._lane = threads, pool, lane
+        self.lane = lane
+        self._buffer_bytes = max(ALIGN, buffer_bytes // ALIGN * ALIGN)
         self._sha = _sha256()
         self.front = 0
         self._ahead: dict[int, tuple[int, bool]] = {}  # start -> (stop, is_padding)
@@ -255,33 +229,31 @@ class RankFileWriter:
             self._ahead[offset] = (offset + copied, False)
         return copied
 
-    def finish(self, on_done: Callable[[str], None]) -> None:
-        """Queue the last bytes; the write thread then flushes, renames and calls on_done(sha256)."""
+    def finish(self) -> str:
+        """Write the last block, flush, give the file its final name; returns its sha256."""
         if self.front != self.layout.size or self._ahead:
             raise OutputError(
                 f"{self.partial}: only {self.front} of {self.layout.size} bytes were written; this is a bug in the plan"
             )
-        if self._spill_fd >= 0:
-            os.close(self._spill_fd)
-            self._spill_fd = -1
-        buf, fill, base = self._buf, self._fill, self._base
+        if self._fill:
+            self._flush()
+        try:
+            if self._spill_fd >= 0:
+                os.close(self._spill_fd)
+                self._spill_fd = -1
+            os.ftruncate(self.fd, self.layout.size)  # the last block was padded to a whole one
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.partial, self.path)
+        except OSError as e:
+            raise _output_error(self.path, e, self.layout.size) from e
         self._buf = None
-
-        def last() -> None:
-            if buf is not None:
-                self._flush(buf, fill, base)
-            self._close_and_rename()
-            on_done(self._sha.hexdigest())
-
-        def release() -> None:
-            if buf is not None:
-                self._pool.put(buf)
-
-        self._threads.submit(self._lane, last, release)
+        return self._sha.hexdigest()
 
     def abort(self) -> None:
         """Close and remove the temporary file (best effort: we may be unwinding from an error).
-        Only once the write threads have stopped: one of them may still hold the descriptor."""
+        Only once the lanes have stopped: the file's lane may still be using the descriptors."""
         for fd in (self.fd, self._spill_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -290,20 +262,18 @@ class RankFileWriter:
         with contextlib.suppress(OSError):
             self.partial.unlink()
 
-    # -- the in-order stream (main thread)
+    # -- the in-order stream
 
     def _buffer(self) -> memoryview:
         if self._buf is None:
-            self._buf = self._pool.get(self._threads.check)
+            self._buf = mmap.mmap(-1, self._buffer_bytes)  # page-aligned, as O_DIRECT needs
         return memoryview(self._buf)
 
     def _advance(self, n: int) -> None:
         self._fill += n
         self.front += n
-        if self._buf is not None and self._fill == len(self._buf):
-            buf, fill, base = self._buf, self._fill, self._base
-            self._buf, self._fill, self._base = None, 0, base + fill
-            self._threads.submit(self._lane, lambda: self._flush(buf, fill, base), lambda: self._pool.put(buf))
+        if self._fill == self._buffer_bytes:
+            self._flush()
 
     def _stage(self, view: memoryview) -> None:
         while view:
@@ -350,15 +320,18 @@ class RankFileWriter:
             elif self._stage_from(self._spill_fd, self.front, n) != n:
                 raise OutputError(f"{self.partial}: shorter than written; was it changed meanwhile?")
 
-    # -- the write thread
-
-    def _flush(self, buf: mmap.mmap, fill: int, base: int) -> None:
-        view = memoryview(buf)
+    def _flush(self) -> None:
+        """Hash the staged bytes and write them at their place, in whole blocks."""
+        assert self._buf is not None
+        view = memoryview(self._buf)
+        fill = self._fill
         self._sha.update(view[:fill])
-        length = -(-fill // ALIGN) * ALIGN  # whole blocks; the file's last one is padded, then truncated
+        length = -(-fill // ALIGN) * ALIGN  # the file's last block is padded, then truncated in finish
         if length > fill:
             view[fill:length] = bytes(length - fill)
-        self._write_block(view[:length], base)
+        self._write_block(view[:length], self._base)
+        self._base += fill
+        self._fill = 0
 
     def _write_block(self, view: memoryview, offset: int) -> None:
         try:
@@ -370,16 +343,6 @@ class RankFileWriter:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             self.direct = False
             _pwrite_all(self.fd, view, offset, self.partial, self.layout.size)
-
-    def _close_and_rename(self) -> None:
-        try:
-            os.ftruncate(self.fd, self.layout.size)
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            os.replace(self.partial, self.path)
-        except OSError as e:
-            raise _output_error(self.path, e, self.layout.size) from e
 
 
 def _open_output(path: Path, direct: bool) -> tuple[int, bool]:

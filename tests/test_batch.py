@@ -52,8 +52,8 @@ def copy_log(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     log: Counter[str] = Counter()
     real = SourceReader.copy_to
 
-    def counted(self: SourceReader, info: Any, box: Any, writer: Any, offset: int) -> None:
-        real(self, info, box, writer, offset)
+    def counted(self: SourceReader, info: Any, start: int, n: int, writer: Any, offset: int) -> None:
+        real(self, info, start, n, writer, offset)
         log[info.name] += 1
 
     monkeypatch.setattr(SourceReader, "copy_to", counted)

@@ -2,15 +2,18 @@
 
 Tiny staging buffers (one page) make every test cross many buffer boundaries; both O_DIRECT and the
 page-cache path are run, and byte ranges arrive in order, out of order (parked, then streamed in), as
-buffers or copied from another file, with gaps that must read as zeros (vocab padding).
+buffers or copied from another file, with gaps that must read as zeros (vocab padding). The lanes
+(write threads) are tested on their own and through whole conversions.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from moe_convert.convert import convert
 from moe_convert.errors import OutputError
 from moe_convert.mapping import RankCoords
 from moe_convert.plan import Piece, PlannedTensor, RankPlan
-from moe_convert.writer import ALIGN, BufferPool, RankFileWriter, WriteThreads, layout_rank_file
+from moe_convert.writer import ALIGN, RankFileWriter, WriteThreads, layout_rank_file, staging_buffer_bytes
 
 
 def rank_plan(sizes: list[int], gaps: set[int]) -> RankPlan:
@@ -38,19 +41,8 @@ def rank_plan(sizes: list[int], gaps: set[int]) -> RankPlan:
     return RankPlan(RankCoords(0, 0, 0, 0, 0), "rank0.safetensors", (0,), (0,), (0, 1), tuple(tensors))
 
 
-class Files:
-    """Writers sharing one pool and set of write threads, as the executor uses them."""
-
-    def __init__(self, n_files: int, threads: int = 2, buffer_bytes: int = ALIGN) -> None:
-        self.threads = WriteThreads(threads)
-        self.pool = BufferPool(n_files, self.threads.count, buffer_bytes)
-        self.sha: dict[Path, str] = {}
-
-    def writer(self, path: Path, plan: RankPlan, lane: int, direct: bool) -> RankFileWriter:
-        return RankFileWriter(path, plan, self.threads, self.pool, lane, direct=direct)
-
-    def finish(self, w: RankFileWriter) -> None:
-        w.finish(lambda sha: self.sha.__setitem__(w.path, sha))
+def new_writer(path: Path, plan: RankPlan, direct: bool, lane: int = 0) -> RankFileWriter:
+    return RankFileWriter(path, plan, lane, direct=direct, buffer_bytes=ALIGN)
 
 
 def expected_file(plan: RankPlan, data: dict[int, bytes]) -> bytes:
@@ -102,40 +94,57 @@ def test_any_arrival_order_gives_the_exact_file_and_sha256(
     rng.shuffle(order)
     via_copy = frozenset(i for i in data if rng.random() < 0.5)
 
-    files = Files(1)
-    w = files.writer(tmp / "rank0.safetensors", plan, 0, direct)
+    w = new_writer(tmp / "rank0.safetensors", plan, direct)
     write_all(w, plan, data, order, tmp / "source", via_copy)
-    files.finish(w)
-    files.threads.close()
+    sha = w.finish()
 
     assert (tmp / "rank0.safetensors").read_bytes() == want
-    assert files.sha[tmp / "rank0.safetensors"] == hashlib.sha256(want).hexdigest()
+    assert sha == hashlib.sha256(want).hexdigest()
     assert not (tmp / "rank0.safetensors.partial").exists()
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
-def test_many_files_across_lanes_and_readable_by_safetensors(tmp_path: Path, direct: bool) -> None:
+def test_files_on_lanes_are_readable_by_safetensors(tmp_path: Path, direct: bool) -> None:
+    """Six files on three lanes, each written by its lane in the order submitted."""
     rng = random.Random(0)
     sizes = [5 * ALIGN + 3, 17, 0, 2 * ALIGN, 999]
     plan = rank_plan(sizes, gaps={4})
-    files = Files(6, threads=3)
-    writers, wants = [], []
+    lanes = WriteThreads(3)
+    shas: dict[int, str] = {}
+    wants = []
     for k in range(6):
         data = {i: rng.randbytes(n) for i, n in enumerate(sizes) if i != 4}
-        w = files.writer(tmp_path / f"rank{k}.safetensors", plan, k, direct)
+        w = new_writer(tmp_path / f"rank{k}.safetensors", plan, direct, lane=k % 3)
         order = sorted(data, reverse=k % 2 == 1)  # odd files get everything back to front
-        write_all(w, plan, data, order)
-        writers.append(w)
+        for i in order:
+            lanes.submit(w.lane, functools.partial(w.write, layout_rank_file(plan).offsets[f"t{i}"], data[i]))
+        lanes.submit(w.lane, functools.partial(lambda k, w: shas.__setitem__(k, w.finish()), k, w))
         wants.append((data, expected_file(plan, data)))
-    for w in writers:
-        files.finish(w)
-    files.threads.close()
+    lanes.close()
     for k, (data, want) in enumerate(wants):
         path = tmp_path / f"rank{k}.safetensors"
-        assert path.read_bytes() == want and files.sha[path] == hashlib.sha256(want).hexdigest()
+        assert path.read_bytes() == want and shas[k] == hashlib.sha256(want).hexdigest()
         with safe_open(str(path), "pt") as f:
             assert f.get_tensor("t0").numpy().tobytes() == data[0]
             assert torch.count_nonzero(f.get_tensor("t4")) == 0  # never written: zeros
+
+
+def test_a_failing_lane_surfaces_in_the_caller_and_skips_the_rest() -> None:
+    lanes = WriteThreads(2)
+    ran: list[str] = []
+    released: list[str] = []
+
+    def boom() -> None:
+        raise OutputError("disk full")
+
+    lanes.submit(0, boom, lambda: released.append("boom"))
+    with pytest.raises(OutputError, match="disk full"):
+        for _ in range(1000):  # the error reaches the caller at its next submit
+            lanes.submit(1, lambda: ran.append("x"), lambda: released.append("x"))
+            time.sleep(0.001)
+        lanes.close()
+    lanes.close(cancel=True)
+    assert "boom" in released and released.count("x") == len(released) - 1  # every release ran
 
 
 def test_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,13 +161,11 @@ def test_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, monke
     monkeypatch.setattr(os, "pwrite", pwrite)
     plan = rank_plan([3 * ALIGN + 1, 10], gaps=set())
     data = {0: os.urandom(3 * ALIGN + 1), 1: os.urandom(10)}
-    files = Files(1)
-    w = files.writer(tmp_path / "rank0.safetensors", plan, 0, direct=True)
+    w = new_writer(tmp_path / "rank0.safetensors", plan, direct=True)
     if not w.direct:
         pytest.skip("this file system refuses O_DIRECT at open already")
     write_all(w, plan, data, [0, 1])
-    files.finish(w)
-    files.threads.close()
+    w.finish()
     assert refused and not w.direct
     assert (tmp_path / "rank0.safetensors").read_bytes() == expected_file(plan, data)
 
@@ -166,40 +173,33 @@ def test_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path, monke
 def test_bytes_written_twice_or_missing_are_a_bug_not_a_file(tmp_path: Path) -> None:
     plan = rank_plan([100, 100], gaps=set())
     offsets = layout_rank_file(plan).offsets
-    files = Files(2)
-    w = files.writer(tmp_path / "a.safetensors", plan, 0, direct=True)
+    w = new_writer(tmp_path / "a.safetensors", plan, direct=True)
     w.write(offsets["t1"], bytes(100))
     with pytest.raises(OutputError, match="written twice"):
         w.write(offsets["t1"], bytes(100))
     with pytest.raises(OutputError, match=r"only \d+ of \d+ bytes were written"):
-        w.finish(lambda sha: None)
-    files.threads.close(cancel=True)
+        w.finish()
     w.abort()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failing_write_thread_surfaces_in_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_writing_is_an_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(*args: Any) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     plan = rank_plan([20 * ALIGN], gaps=set())
-    files = Files(1, buffer_bytes=ALIGN)
-    w = files.writer(tmp_path / "rank0.safetensors", plan, 0, direct=True)
+    w = new_writer(tmp_path / "rank0.safetensors", plan, direct=True)
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OutputError, match="disk full"):
-        # Buffers go to the thread as they fill; its error comes back at the latest when it closes.
         w.write(layout_rank_file(plan).offsets["t0"], bytes(20 * ALIGN))
-        files.finish(w)
-        files.threads.close()
-    files.threads.close(cancel=True)
     w.abort()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_staging_memory_is_bounded_by_the_pool() -> None:
-    assert BufferPool(8, 2).bound_bytes == (8 + 2 * 2) * 2**20
-    many = BufferPool(4096, 8)  # a huge pp x tp run: buffers shrink, the total stays bounded
-    assert many.size == 256 * 2**10 and many.bound_bytes < 1.1 * 2**30
+def test_staging_memory_is_bounded() -> None:
+    assert staging_buffer_bytes(8) == 2**20
+    # A huge pp x tp run: buffers shrink, the total stays bounded.
+    assert staging_buffer_bytes(4096) == 256 * 2**10 and 4096 * staging_buffer_bytes(4096) == 2**30
 
 
 # ---------------------------------------------------------------- through the whole conversion
