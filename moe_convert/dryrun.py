@@ -16,7 +16,7 @@ from typing import Any
 
 from .config_only import PlanInput, open_for_plan
 from .errors import CheckpointError, MappingError, UsageError
-from .execute import DEFAULT_CHUNK_BYTES
+from .execute import CAST_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
 from .header import itemsize
 from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
@@ -276,35 +276,25 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
 def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:
     """Peak host memory of a conversion, from how the executor works (execute.py, writer.py).
 
-    The main thread reads a source tensor through one reused buffer of `chunk_bytes` and casts the
-    pieces of one chunk (per job at most a chunk times the output/input itemsize ratio: largest_cast);
-    cast pieces handed to the write threads and not yet written stay under `chunk_bytes`. Every rank file
-    has one staging buffer (1 MiB; 256 KiB each beyond 256 files). All jobs of a batch share the pass, so
-    their rank files count together. So:
+    The main thread reads chunks of at most `chunk_bytes` into one of two reused buffers; each write
+    thread slices and casts its pieces from them a block (4 MiB of output) at a time; every rank file has
+    one staging buffer (1 MiB; 256 KiB each beyond 256 files). All jobs of a batch share the pass, so
+    their rank files count together. Nothing else grows with the model. So:
 
-        bound = base + 2 * chunk_bytes + jobs * largest_cast + rank_files * staging_buffer
+        bound = base + 2 * chunk_bytes + write_threads * block + rank_files * staging_buffer
     """
-    largest_piece = 0
-    for plan in plans:
-        for r in plan.ranks:
-            for t in r.tensors:
-                out_item = itemsize(t.dtype)
-                for p in t.pieces:
-                    src = plan.sources[p.source]
-                    src_bytes = math.prod(src.shape) * itemsize(src.dtype)
-                    cast = min(chunk_bytes, src_bytes) * out_item // itemsize(src.dtype)
-                    largest_piece = max(largest_piece, cast)
     n_files = sum(len(plan.ranks) for plan in plans)
+    threads = min(workers or default_write_threads(), max(1, n_files))
     staging = n_files * staging_buffer_bytes(n_files)
-    bound = BASE_MEMORY_BYTES + 2 * chunk_bytes + len(plans) * largest_piece + staging
+    bound = BASE_MEMORY_BYTES + 2 * chunk_bytes + threads * CAST_BLOCK_BYTES + staging
     return {
         "bound_bytes": bound,
         "base_bytes": BASE_MEMORY_BYTES,
-        "workers": min(workers or default_write_threads(), max(1, n_files)),
+        "workers": threads,
         "chunk_bytes": chunk_bytes,
-        "largest_cast_bytes": largest_piece,
+        "cast_block_bytes": CAST_BLOCK_BYTES,
         "staging_bytes": staging,
-        "formula": "base + 2 * chunk_bytes + jobs * largest_cast_bytes + staging_bytes",
+        "formula": "base + 2 * chunk_bytes + workers * cast_block_bytes + staging_bytes",
     }
 
 
@@ -406,8 +396,8 @@ def render_text(run: DryRun) -> str:
     m = run.memory
     lines.append(
         f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + 2 x "
-        f"{human_bytes(m['chunk_bytes'])} read buffer and queued pieces + {human_bytes(m['largest_cast_bytes'])} "
-        f"cast pieces + {human_bytes(m['staging_bytes'])} staging buffers"
+        f"{human_bytes(m['chunk_bytes'])} read buffers + {m['workers']} x {human_bytes(m['cast_block_bytes'])} "
+        f"cast blocks + {human_bytes(m['staging_bytes'])} staging buffers"
     )
     problems = run.problems
     if problems:

@@ -79,12 +79,13 @@ class SourceReader:
         self.chunk_bytes = chunk_bytes
         self.local = threading.local()
 
-    def read(self, info: TensorInfo, chunk: Box) -> torch.Tensor:
+    def read(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> torch.Tensor:
+        """The chunk, read into `into` (at least the chunk's size) or else this thread's reused buffer."""
         item = info.torch_dtype.itemsize
         shape = tuple(e - s for s, e in chunk)
         start = info.start + element_offset(chunk, tuple((0, d) for d in info.shape)) * item
         n = math.prod(shape) * item
-        buf = getattr(self.local, "buf", None)
+        buf = into if into is not None else getattr(self.local, "buf", None)
         if buf is None or len(buf) < n:
             buf = self.local.buf = bytearray(max(n, self.chunk_bytes))
         view = memoryview(buf)[:n]

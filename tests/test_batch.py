@@ -38,9 +38,9 @@ def read_log(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str, Any]]:
     log: Counter[tuple[str, str, Any]] = Counter()
     real = SourceReader.read
 
-    def counted(self: SourceReader, info: Any, chunk: Any) -> Any:
+    def counted(self: SourceReader, info: Any, chunk: Any, into: Any = None) -> Any:
         log[(info.file.name, info.name, chunk)] += 1
-        return real(self, info, chunk)
+        return real(self, info, chunk, into)
 
     monkeypatch.setattr(SourceReader, "read", counted)
     return log

@@ -67,11 +67,10 @@ def test_8x22b_rank_table_fields(plan_8x22b: dict[str, Any]) -> None:
     assert {c["name"] for c in doc["checks"]} == {"mapping", "source", "options"}
     assert doc["disk"]["needed_bytes"] > doc["total_bytes"] and doc["disk"]["free_bytes"] is None
     mem = doc["memory"]
-    chunk = 64 * 2**20  # every 8x22B tensor but the norms and routers is larger than a chunk
-    assert mem["largest_cast_bytes"] == chunk
-    # The read buffer, queued pieces under a chunk's worth, one chunk's cast pieces, 1 MiB staging per file.
-    assert mem["workers"] == 2 and mem["staging_bytes"] == 8 * 2**20
-    assert mem["bound_bytes"] == BASE_MEMORY_BYTES + 2 * chunk + chunk + 8 * 2**20
+    chunk = 64 * 2**20
+    # Two read buffers, a 4 MiB cast block per write thread, a 1 MiB staging buffer per rank file.
+    assert mem["workers"] == 2 and mem["staging_bytes"] == 8 * 2**20 and mem["cast_block_bytes"] == 4 * 2**20
+    assert mem["bound_bytes"] == BASE_MEMORY_BYTES + 2 * chunk + 2 * 4 * 2**20 + 8 * 2**20
 
 
 def test_dry_run_document_is_the_manifest_of_the_real_conversion(tiny_checkpoint: Path, tmp_path: Path) -> None:

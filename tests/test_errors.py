@@ -780,11 +780,11 @@ def _hook_first_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[Path], N
     real = execute._SourceReader.read
     hit: list[Path] = []
 
-    def read(self: execute._SourceReader, info: Any, chunk: Any) -> torch.Tensor:
+    def read(self: execute._SourceReader, info: Any, chunk: Any, into: Any = None) -> torch.Tensor:
         if not hit:
             hit.append(info.file)
             action(info.file)
-        return real(self, info, chunk)
+        return real(self, info, chunk, into)
 
     monkeypatch.setattr(execute._SourceReader, "read", read)
     return hit

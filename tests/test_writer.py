@@ -262,3 +262,15 @@ def test_tied_embeddings_across_stages(make_checkpoint: Any, tmp_path: Path) -> 
         tp_rank = int(r.file[4]) - 2
         rows = lm_head.shape[0]
         assert torch.equal(lm_head, embed[tp_rank * rows : (tp_rank + 1) * rows].to(lm_head.dtype))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_tiny_chunks_and_cast_blocks_give_the_same_files(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """Pieces cut from many chunks, each sliced and cast in many blocks by three lanes, land bit-exactly."""
+    kwargs: dict[str, Any] = {"tp_size": 4, "moe_tp_size": 2, "moe_ep_size": 2, "dtype": dtype}
+    convert(tiny_checkpoint, tmp_path / "usual", **kwargs)
+    monkeypatch.setattr(execute, "CAST_BLOCK_BYTES", 96)
+    convert(tiny_checkpoint, tmp_path / "small", chunk_bytes=1000, workers=3, **kwargs)
+    assert rank_files(tmp_path / "small") == rank_files(tmp_path / "usual")
