@@ -197,7 +197,7 @@ def test_disk_full_while_writing_is_an_output_error(tmp_path: Path, monkeypatch:
 
 
 def test_staging_memory_is_bounded() -> None:
-    assert staging_buffer_bytes(8) == 2**20
+    assert staging_buffer_bytes(8) == 2**20 and staging_buffer_bytes(512) == 512 * 2**10
     # A huge pp x tp run: buffers shrink, the total stays bounded.
     assert staging_buffer_bytes(4096) == 256 * 2**10 and 4096 * staging_buffer_bytes(4096) == 2**30
 
