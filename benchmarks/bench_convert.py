@@ -5,7 +5,7 @@ decoder layers, bf16 random values, shards of at most 4.9 GB plus `model.safeten
 HF tensor names), caches them under the work dir, then times, alternating round-robin in one
 invocation:
 
-* `cp -r SRC OUT` -- the physical floor on this machine,
+* `cp -r SRC OUT` -- the baseline: the same bytes copied through the page cache,
 * our converter (`python convert_checkpoint.py --model_dir SRC --output_dir OUT --force --quiet ...`),
 * the naive baseline (`python benchmarks/naive_convert.py --model_dir SRC --output_dir OUT ...`),
 
