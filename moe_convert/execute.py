@@ -65,7 +65,6 @@ class _ReadBuffers:
         self.chunk_bytes, self.check = chunk_bytes, check
         self.free: list[bytearray] = []
         self.made = 0
-        self.pending: dict[int, int] = {}  # id(buffer) -> lane jobs still using it
         self.cond = threading.Condition()
 
     def take(self, n: int) -> bytearray:
@@ -81,15 +80,14 @@ class _ReadBuffers:
         return buf if len(buf) >= n else bytearray(n)  # only a chunk larger than chunk_bytes: never in practice
 
     def lend(self, buf: bytearray, jobs: int) -> Callable[[], None]:
-        """Mark `buf` as used by `jobs` lane jobs; returns what each job calls when done with it."""
-        with self.cond:
-            self.pending[id(buf)] = jobs
+        """Hand `buf` to `jobs` lane jobs; returns what each job calls when done with it."""
+        left = jobs
 
         def done() -> None:
+            nonlocal left
             with self.cond:
-                self.pending[id(buf)] -= 1
-                if self.pending[id(buf)] == 0:
-                    del self.pending[id(buf)]
+                left -= 1
+                if left == 0:
                     self.free.append(buf)
                     self.cond.notify_all()
 

@@ -112,9 +112,9 @@ def default_write_threads() -> int:
 class WriteThreads:
     """The lanes: threads that each do all the work of their rank files, in the order it was submitted.
 
-    Reads, sha256 and writes release the GIL, so lanes run in parallel with each other and with the
-    main thread, which plans, casts and submits. The first error stops the work and is raised in the
-    main thread (by submit, check or close).
+    Reads, casts, sha256 and writes release the GIL, so lanes run in parallel with each other and with
+    the main thread, which reads the chunks that need slicing and hands out the work. The first error
+    stops the work and is raised in the main thread (by submit, check or close).
     """
 
     def __init__(self, count: int) -> None:
