@@ -22,7 +22,7 @@ from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .plan import CODE_NAMES, ConvertOptions, Plan, plan_conversion
-from .writer import default_write_threads, staging_buffer_bytes
+from .writer import staging_buffer_bytes, write_thread_count
 
 # Interpreter, torch, transformers' config classes and the plan itself: about 150-200 MB measured on the
 # tiny model (RssAnon after a conversion); rounded up so the bound stays a bound for large plans.
@@ -284,7 +284,7 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
         bound = base + 2 * chunk_bytes + write_threads * block + rank_files * staging_buffer
     """
     n_files = sum(len(plan.ranks) for plan in plans)
-    threads = min(workers or default_write_threads(), max(1, n_files))
+    threads = write_thread_count(workers, n_files)
     staging = n_files * staging_buffer_bytes(n_files)
     bound = BASE_MEMORY_BYTES + 2 * chunk_bytes + threads * CAST_BLOCK_BYTES + staging
     return {

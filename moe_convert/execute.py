@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .reading import SourceReader as _SourceReader
 from .reading import chunk_boxes, contiguous_run
 from .reading import element_offset as _element_offset
 from .reading import intersect as _intersect
-from .writer import PARTIAL_SUFFIX, RankFileWriter, WriteThreads, default_write_threads, staging_buffer_bytes
+from .writer import PARTIAL_SUFFIX, RankFileWriter, WriteThreads, staging_buffer_bytes, write_thread_count
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
     # gate half comes first in the source but second in mlp.fc), so files keep filling from the front.
     chunks.sort(key=lambda c: min(t.offset + _element_offset(sub, t.box) for t, sub in c[1]))
     for chunk, users in chunks:
-        buf = ctx.buffers.take(math.prod(e - s for s, e in chunk) * item)
+        buf = ctx.buffers.take(ctx.reader.byte_range(info, chunk)[1])
         data = ctx.reader.read(info, chunk, into=buf)
         done = ctx.buffers.lend(buf, len(users))
         for t, sub in users:
@@ -194,16 +193,17 @@ def execute_plans(
     rank file written.
     """
     n_files = sum(len(job.ranks()) for job in jobs)
-    lanes = WriteThreads(min(workers or default_write_threads(), max(1, n_files)))
+    lanes = WriteThreads(write_thread_count(workers, n_files))
     buffer_bytes = staging_buffer_bytes(n_files)
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
     try:
         by_source: dict[str, list[_Target]] = {}
+        made = 0
         for job in jobs:
             writers.append([])
             for r in job.ranks():
-                lane = sum(len(ws) for ws in writers) % lanes.count
+                lane, made = made % lanes.count, made + 1  # rank files spread round-robin over the lanes
                 w = RankFileWriter(job.output_dir / r.file, r, lane, direct=direct_io, buffer_bytes=buffer_bytes)
                 writers[-1].append(w)
                 for t in r.tensors:

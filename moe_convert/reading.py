@@ -81,10 +81,8 @@ class SourceReader:
 
     def read(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> torch.Tensor:
         """The chunk, read into `into` (at least the chunk's size) or else this thread's reused buffer."""
-        item = info.torch_dtype.itemsize
         shape = tuple(e - s for s, e in chunk)
-        start = info.start + element_offset(chunk, tuple((0, d) for d in info.shape)) * item
-        n = math.prod(shape) * item
+        start, n = self.byte_range(info, chunk)
         buf = into if into is not None else getattr(self.local, "buf", None)
         if buf is None or len(buf) < n:
             buf = self.local.buf = bytearray(max(n, self.chunk_bytes))

@@ -103,10 +103,12 @@ def staging_buffer_bytes(n_files: int) -> int:
     return max(_MIN_BUFFER, min(_MAX_BUFFER, share)) // ALIGN * ALIGN
 
 
-def default_write_threads() -> int:
-    """Two per core, 8 to 16: a thread waiting for its O_DIRECT write leaves the core to another (2-layer
-    tp8/moe_ep8 on 2 cores: 5.0-5.1 s with 8 threads, 6.6-6.7 s with 4, measured)."""
-    return max(8, min(16, 2 * (os.cpu_count() or 1)))
+def write_thread_count(workers: int | None, n_files: int) -> int:
+    """`workers`, else two per core, 8 to 16 (a thread waiting for its O_DIRECT write leaves the core to
+    another: 2-layer tp8/moe_ep8 on 2 cores took 5.0-5.1 s with 8 threads, 6.6-6.7 s with 4, measured);
+    never more than there are rank files, each of which belongs to one thread."""
+    default = max(8, min(16, 2 * (os.cpu_count() or 1)))
+    return max(1, min(workers or default, n_files))
 
 
 class WriteThreads:
