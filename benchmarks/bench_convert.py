@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT.parent / "shared" / "model-configs" / "mixtral-8x7b-v0.1.config.json"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "mixtral-8x7b-v0.1.config.json"
 GENERATOR_VERSION = 1  # bump when the synthetic layout changes, to invalidate cached checkpoints
 # Length of the reusable random buffer, in bf16 elements: a prime (2**25 - 39), so the repeating
 # pattern never lines up with rows or tensor boundaries.

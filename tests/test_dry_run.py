@@ -18,16 +18,12 @@ from moe_convert.dryrun import BASE_MEMORY_BYTES, human_bytes, id_ranges
 from moe_convert.errors import MappingError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_8X22B = REPO.parent / "shared" / "model-configs" / "mixtral-8x22b-v0.1.config.json"
-if not CONFIG_8X22B.is_file():  # a checkout elsewhere: the repo's own copy, if it has one
-    CONFIG_8X22B = REPO / "configs" / "mixtral-8x22b-v0.1.config.json"
+CONFIG_8X22B = REPO / "configs" / "mixtral-8x22b-v0.1.config.json"
 
 
 @pytest.fixture(scope="module")
 def plan_8x22b() -> dict[str, Any]:
     """`moe-convert plan --json` on the published 8x22B config.json alone, at tp8/moe_ep8 (one run)."""
-    if not CONFIG_8X22B.is_file():
-        pytest.skip(f"{CONFIG_8X22B} not found")
     result = CliRunner().invoke(
         main,
         ["plan", "--model_dir", str(CONFIG_8X22B), "--tp_size", "8", "--moe_ep_size", "8", "--json", "--workers", "2"],
