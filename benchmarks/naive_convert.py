@@ -1,8 +1,8 @@
-"""Naive reference converter: HF Mixtral -> TensorRT-LLM per-rank safetensors.
+"""Naive reference converter: HF Mixtral / Qwen2-MoE / Qwen3-MoE -> TensorRT-LLM per-rank safetensors.
 
 Deliberately simple: it loads every source tensor into memory, then builds each rank's state dict
-straight from the layout spec (shared/spec/trtllm-mixtral-layout.md). It is the benchmark baseline and
-an independent oracle for tests, so clarity wins over speed and memory everywhere.
+straight from the layout specs (shared/spec/trtllm-mixtral-layout.md, trtllm-qwen-moe-layout.md). It is the
+benchmark baseline and an independent oracle for tests, so clarity wins over speed and memory everywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# What the layout specs say differs per family (by HF model_type): the MoE module and per-expert names
+# (gate, up, down), whether q/k/v have biases by default, per-head q/k norms, a shared expert, and the
+# family's own config.json keys.
+QWEN = {"moe": "mlp", "names": ("gate_proj", "up_proj", "down_proj"), "qwen_keys": True}
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": {"moe": "block_sparse_moe", "names": ("w1", "w3", "w2"), "qwen_keys": False},
+    "qwen2_moe": {**QWEN, "bias": True, "qk_norm": False, "shared_expert": True},
+    "qwen3_moe": {**QWEN, "bias": False, "qk_norm": True, "shared_expert": False},
+}
 
 
 def resolve_moe(tp: int, moe_tp: int | None, moe_ep: int | None) -> tuple[int, int]:
@@ -58,7 +68,7 @@ def load_all(model_dir: str) -> dict[str, torch.Tensor]:
 Tensor4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def experts(state: dict[str, torch.Tensor], i: int, n_experts: int, inter: int) -> Tensor4:
+def experts(state: dict[str, torch.Tensor], i: int, n_experts: int, inter: int, family: dict[str, Any]) -> Tensor4:
     """Return (router_EH, w1_EIH gate, w3_EIH up, w2_EHI down) of layer i, from either source layout."""
     fused = f"model.layers.{i}.mlp.experts.gate_up_proj"
     if fused in state:
@@ -66,9 +76,9 @@ def experts(state: dict[str, torch.Tensor], i: int, n_experts: int, inter: int) 
         w1_EIH, w3_EIH = gate_up_E2IH[:, :inter], gate_up_E2IH[:, inter:]
         w2_EHI = state[f"model.layers.{i}.mlp.experts.down_proj"]
         return state[f"model.layers.{i}.mlp.gate.weight"], w1_EIH, w3_EIH, w2_EHI
-    p = f"model.layers.{i}.block_sparse_moe"
-    w1_EIH, w2_EHI, w3_EIH = (
-        torch.stack([state[f"{p}.experts.{e}.{w}.weight"] for e in range(n_experts)]) for w in ("w1", "w2", "w3")
+    p = f"model.layers.{i}.{family['moe']}"
+    w1_EIH, w3_EIH, w2_EHI = (
+        torch.stack([state[f"{p}.experts.{e}.{w}.weight"] for e in range(n_experts)]) for w in family["names"]
     )
     return state[f"{p}.gate.weight"], w1_EIH, w3_EIH, w2_EHI
 
@@ -92,10 +102,14 @@ def naive_convert(
 ) -> None:
     """Convert model_dir into output_dir/rank{N}.safetensors + config.json, loading everything at once."""
     cfg = AutoConfig.from_pretrained(model_dir)
+    family = FAMILIES[cfg.model_type]
     tp, pp = tp_size, pp_size
     moe_tp, moe_ep = resolve_moe(tp, moe_tp_size, moe_ep_size)
     out_dtype = resolve_dtype(dtype, cfg)
-    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts  # noqa: E741
+    H, E = cfg.hidden_size, cfg.num_experts  # num_experts: Mixtral maps it to num_local_experts
+    I = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size  # noqa: E741  # each expert's FFN
+    S = cfg.shared_expert_intermediate_size if family.get("shared_expert") else 0
+    bias = getattr(cfg, "qkv_bias", family.get("bias", False))
     nh, L = cfg.num_attention_heads, cfg.num_hidden_layers
     nkv = cfg.num_key_value_heads or nh
     d = getattr(cfg, "head_dim", None) or H // nh
@@ -108,6 +122,7 @@ def naive_convert(
             nkv % tp == 0 if nkv >= tp else tp % nkv == 0
         ),
         f"pp_size ({pp}) must be <= num_hidden_layers ({L})": pp <= L,
+        f"shared_expert_intermediate_size ({S}) must be divisible by tp_size ({tp})": S % tp == 0,
         f"all sizes must be >= 1 (tp {tp}, pp {pp}, moe_tp {moe_tp}, moe_ep {moe_ep})": min(tp, pp, moe_tp, moe_ep)
         >= 1,
         f"hidden_size ({H}) must be divisible by tp_size ({tp}) to shard the embedding on dim 1": not (
@@ -143,22 +158,34 @@ def naive_convert(
                 out["transformer.vocab_embedding.weight"] = own(embed_VH.chunk(tp, 1)[tp_rank])
         for j, i in enumerate(stages[pp_rank].tolist()):
             src, dst = f"model.layers.{i}", f"transformer.layers.{j}"
-            q = state[f"{src}.self_attn.q_proj.weight"]
-            k = state[f"{src}.self_attn.k_proj.weight"]
-            v = state[f"{src}.self_attn.v_proj.weight"]
-            if nkv < tp:  # duplicate each kv head tp/nkv times consecutively: h0, h0, h1, h1, ...
-                k, v = (w.view(nkv, d, H).repeat_interleave(tp // nkv, 0).reshape(-1, H) for w in (k, v))
-            qkv = torch.cat([w.chunk(tp, 0)[tp_rank] for w in (q, k, v)])
             out[f"{dst}.input_layernorm.weight"] = own(state[f"{src}.input_layernorm.weight"])
-            out[f"{dst}.attention.qkv.weight"] = own(qkv)
+            for suffix in ("weight", "bias") if bias else ("weight",):
+                q = state[f"{src}.self_attn.q_proj.{suffix}"]
+                k = state[f"{src}.self_attn.k_proj.{suffix}"]
+                v = state[f"{src}.self_attn.v_proj.{suffix}"]
+                if nkv < tp:  # duplicate each kv head tp/nkv times consecutively: h0, h0, h1, h1, ...
+                    k, v = (w.view(nkv, d, *w.shape[1:]).repeat_interleave(tp // nkv, 0).flatten(0, 1) for w in (k, v))
+                qkv = torch.cat([w.chunk(tp, 0)[tp_rank] for w in (q, k, v)])
+                out[f"{dst}.attention.qkv.{suffix}"] = own(qkv)
+            if family.get("qk_norm"):
+                out[f"{dst}.attention.q_layernorm.weight"] = own(state[f"{src}.self_attn.q_norm.weight"])
+                out[f"{dst}.attention.k_layernorm.weight"] = own(state[f"{src}.self_attn.k_norm.weight"])
             out[f"{dst}.attention.dense.weight"] = own(state[f"{src}.self_attn.o_proj.weight"].chunk(tp, 1)[tp_rank])
             out[f"{dst}.post_layernorm.weight"] = own(state[f"{src}.post_attention_layernorm.weight"])
-            router_EH, w1_EIH, w3_EIH, w2_EHI = experts(state, i, E, I)
+            router_EH, w1_EIH, w3_EIH, w2_EHI = experts(state, i, E, I, family)
             out[f"{dst}.mlp.router.weight"] = own(router_EH, torch.float32)
             # up (w3) rows first, then gate (w1) rows: TRT-LLM's fused gated MoE order
             fc_E2IH = torch.cat([w3_EIH[e_lo:e_hi, i_lo:i_hi], w1_EIH[e_lo:e_hi, i_lo:i_hi]], dim=1)
             out[f"{dst}.mlp.fc.weight"] = own(fc_E2IH)
             out[f"{dst}.mlp.proj.weight"] = own(w2_EHI[e_lo:e_hi, :, i_lo:i_hi])
+            if S:  # the shared expert: a dense MLP split over the whole TP group, up chunk then gate chunk
+                se = f"{src}.mlp.shared_expert"
+                up, gate = state[f"{se}.up_proj.weight"], state[f"{se}.gate_proj.weight"]
+                out[f"{dst}.mlp.shared_expert.fc.weight"] = own(
+                    torch.cat([up.chunk(tp, 0)[tp_rank], gate.chunk(tp, 0)[tp_rank]])
+                )
+                out[f"{dst}.mlp.shared_expert.proj.weight"] = own(state[f"{se}.down_proj.weight"].chunk(tp, 1)[tp_rank])
+                out[f"{dst}.mlp.shared_expert_gate.weight"] = own(state[f"{src}.mlp.shared_expert_gate.weight"])
         if pp_rank == pp - 1:
             out["transformer.ln_f.weight"] = own(state["model.norm.weight"])
             out["lm_head.weight"] = own(pad_rows(lm_head_VH, tp).chunk(tp, 0)[tp_rank])
@@ -171,7 +198,7 @@ def naive_convert(
     else:
         scaling = getattr(cfg, "rope_scaling", None)
     trt_config = {
-        "architecture": "MixtralForCausalLM",
+        "architecture": cfg.architectures[0],
         "dtype": str(out_dtype).removeprefix("torch."),
         "logits_dtype": "float32",
         "vocab_size": cfg.vocab_size,
@@ -179,7 +206,7 @@ def naive_convert(
         "num_hidden_layers": L,
         "num_attention_heads": nh,
         "num_key_value_heads": nkv,
-        "intermediate_size": I,
+        "intermediate_size": cfg.intermediate_size,
         "head_size": d,
         "hidden_act": "swiglu",
         "norm_epsilon": cfg.rms_norm_eps,
@@ -202,6 +229,22 @@ def naive_convert(
         "moe": {"num_experts": E, "top_k": cfg.num_experts_per_tok, "normalization_mode": 1},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
+    if family["qwen_keys"]:  # the keys trtllm-qwen-moe-layout.md adds
+        trt_config |= {
+            "qwen_type": cfg.model_type,
+            "attn_bias": bias,
+            "mlp_bias": False,
+            "use_logn_attn": False,
+            "seq_length": getattr(cfg, "seq_length", None) or 8192,
+            "moe_intermediate_size": I,
+            "moe_shared_expert_intermediate_size": S,
+        }
+        trt_config["moe"] |= {
+            "normalization_mode": 1 if cfg.norm_topk_prob else 0,
+            "sparse_mixer_epsilon": 0.01,
+            "tp_mode": 0,
+            "shared_expert_intermediate_size": S,
+        }
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump(trt_config, f, indent=2)
 

@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import MoeConvertError, UsageError
+from .example import DEFAULT_FAMILY, family_names
 from .safe_text import OneLineFormatter, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -373,12 +374,19 @@ def convert_checkpoint_main() -> None:
 
 @main.command("example")
 @click.argument("directory")
+@_opt(
+    "--family",
+    type=click.Choice(family_names()),
+    default=DEFAULT_FAMILY,
+    show_default=True,
+    help="Which model family to build.",
+)
 @_opt("--fused_experts", is_flag=True, help="Save the transformers-5 fused expert layout.")
 @_opt("--force", is_flag=True, help="Allow an existing non-empty directory.")
 @common_options
 @_handle_errors
-def example_command(directory: str, fused_experts: bool, force: bool, quiet: bool, debug: bool) -> None:
-    """Build a tiny random Mixtral checkpoint in DIRECTORY (transformers' own save_pretrained, 3 shards)."""
+def example_command(directory: str, family: str, fused_experts: bool, force: bool, quiet: bool, debug: bool) -> None:
+    """Build a tiny random checkpoint in DIRECTORY (transformers' own save_pretrained, several shards)."""
     from pathlib import Path
 
     from .errors import OutputError
@@ -388,5 +396,5 @@ def example_command(directory: str, fused_experts: bool, force: bool, quiet: boo
     path = Path(directory)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
         raise OutputError(f"{path} exists and is not empty; pass --force to write into it")
-    build_example_checkpoint(path, fused_experts=fused_experts)
-    log.info("wrote a tiny Mixtral checkpoint to %s", path)
+    build_example_checkpoint(path, family=family, fused_experts=fused_experts)
+    log.info("wrote a tiny %s checkpoint to %s", family, path)

@@ -15,13 +15,14 @@ from typing import Any
 
 from .errors import ConfigError, UsageError
 from .hub import ResolvedModel, resolve_model_dir
-from .plan import DTYPE_CODES, SourceTensor, evaluate
+from .model_config import ModelSpec, evaluate
+from .plan import DTYPE_CODES, SourceTensor, expected_names, source_entries
 from .source import (
     INDEX_FILE,
     PICKLE_SUFFIXES,
     SINGLE_FILE,
-    ModelSpec,
     SourceCheckpoint,
+    load_config_json,
     open_source,
     spec_from_config_dict,
 )
@@ -31,41 +32,25 @@ CONFIG_FILE = "config.json"
 
 def read_config_file(path: Path) -> ModelSpec:
     """A config.json given by its own path (any file name)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found a {type(raw).__name__}")
-    return spec_from_config_dict(raw, str(path))
+    return spec_from_config_dict(load_config_json(path), str(path))
 
 
 def expected_headers(spec: ModelSpec, dtype: str) -> dict[str, SourceTensor]:
     """Every source tensor the architecture rules expect, with the shape config.json implies.
 
-    Experts take the architecture's first listed layout (Mixtral: the classic per-expert names, which
-    the published checkpoints use); a tied lm_head is left out, as in a real tied checkpoint.
+    Experts take the architecture's classic per-expert layout (which the published checkpoints use); a
+    tied lm_head is left out, as in a real tied checkpoint.
     """
     code = DTYPE_CODES[dtype]
-    rules = spec.rules
-    layouts = rules["expert_layouts"]
-    layout = "classic" if "classic" in layouts else next(iter(layouts))
-    entries: dict[str, dict[str, Any]] = {**rules["sources"], **layouts[layout]}
+    layouts = spec.rules["expert_layouts"]
+    entries = source_entries(spec, "classic" if "classic" in layouts else next(iter(layouts)))
     dims = spec.dims()
-    headers: dict[str, SourceTensor] = {}
-    for entry in entries.values():
-        if entry.get("tied_to") and spec.tie_word_embeddings:
-            continue
-        name: str = entry["name"]
-        shape = tuple(evaluate(x, dims) for x in entry["shape"])
-        layers: list[int | None] = list(range(spec.num_layers)) if "{layer}" in name else [None]
-        experts: list[int | None] = list(range(spec.num_experts)) if "{expert}" in name else [None]
-        for layer in layers:
-            for expert in experts:
-                headers[name.format(layer=layer, expert=expert)] = SourceTensor(code, shape)
-    return headers
+    shapes = {key: tuple(evaluate(x, dims) for x in entry["shape"]) for key, entry in entries.items()}
+    return {
+        name: SourceTensor(code, shapes[key])
+        for key, name, _, _ in expected_names(spec, entries)
+        if not (entries[key].get("tied_to") and spec.tie_word_embeddings)
+    }
 
 
 def source_dtype(spec: ModelSpec, requested: str, where: str) -> str:

@@ -410,7 +410,7 @@ def _convert_jobs(
         by_file = {r.file: r for r in [*(st.kept if st else ()), *written]}
         ranks = [by_file[r.file] for r in the_plan.ranks]
         manifest = build_manifest(the_plan, record, ranks)
-        write_json_atomic(out / CONFIG_FILE, trtllm_config(the_plan))
+        write_json_atomic(out / CONFIG_FILE, trtllm_config(the_plan, source.settings))
         # Written last: its presence says the conversion finished.
         write_json_atomic(out / MANIFEST_FILE, manifest)
         journals[out].finish()

@@ -382,7 +382,9 @@ def render_text(run: DryRun) -> str:
         f"source: {where}"
         + ("  (config.json only: tensor sizes implied by the config, no shards read)" if src.config_only else ""),
         f"model: {spec.architecture}, {spec.num_layers} layers, {spec.num_experts} experts (top {spec.top_k}), "
-        f"hidden {spec.hidden_size}, ffn {spec.intermediate_size}, heads {spec.num_heads}/{spec.num_kv_heads} kv, "
+        f"hidden {spec.hidden_size}, ffn {spec.expert_ffn_size}"
+        + (f" + shared {spec.shared_ffn_size}" if spec.shared_ffn_size else "")
+        + f", heads {spec.num_heads}/{spec.num_kv_heads} kv x {spec.head_dim}, "
         f"vocab {spec.vocab_size}",
     ]
     for job in run.jobs:

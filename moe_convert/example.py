@@ -1,4 +1,4 @@
-"""A tiny but real Mixtral checkpoint built with transformers, for the quick start and the tests."""
+"""Tiny but real checkpoints of each supported family, built with transformers, for the quick start and tests."""
 
 from __future__ import annotations
 
@@ -6,50 +6,75 @@ import json
 from pathlib import Path
 from typing import Any
 
-TINY_CONFIG: dict[str, Any] = {
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 64,
-}
+from .architectures import Rules, all_rules
+
+DEFAULT_FAMILY = "mixtral"
+
+
+def family_names() -> list[str]:
+    """The families `build_example_checkpoint` can build: the `name` of every rules file."""
+    return [rules["name"] for rules in all_rules()]
+
+
+def family_rules(family: str) -> Rules:
+    for rules in all_rules():
+        if rules["name"] == family:
+            return rules
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(family_names())}")
+
+
+def tiny_config(family: str = DEFAULT_FAMILY) -> dict[str, Any]:
+    """The tiny model's config fields (the rules file's `example`)."""
+    return dict(family_rules(family)["example"])
+
+
+TINY_CONFIG: dict[str, Any] = tiny_config()  # the default tiny Mixtral
 
 
 def build_example_checkpoint(
     path: str | Path,
     *,
+    family: str = DEFAULT_FAMILY,
     seed: int = 0,
     dtype: str = "float32",
     fused_experts: bool = False,
     transformers4_config: bool = False,
+    random_vectors: bool = False,
     max_shard_size: str = "200KB",
     **overrides: Any,
 ) -> Path:
-    """Save a randomly initialised MixtralForCausalLM with several shards and an index.
+    """Save a randomly initialised model of `family` with several shards and an index.
 
     Args:
         path: directory to create.
+        family: the rules' family name: mixtral, qwen2_moe or qwen3_moe.
         seed: torch seed for the weights.
         dtype: float32, float16 or bfloat16.
         fused_experts: save the transformers-5 fused expert layout (`save_original_format=False`).
         transformers4_config: rewrite config.json with transformers-4 keys (`rope_theta`, `torch_dtype`).
+        random_vectors: norm weights and biases random too (transformers starts them at ones and zeros,
+            which would let a forward-pass test miss one put in the wrong place).
         max_shard_size: passed to save_pretrained, so small models still get several shards.
-        overrides: MixtralConfig fields replacing TINY_CONFIG's.
+        overrides: config fields replacing the family's tiny ones.
     """
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a tiny model saves at once
 
     path = Path(path)
+    rules = family_rules(family)
     torch.manual_seed(seed)
-    config = MixtralConfig(**{**TINY_CONFIG, **overrides})
-    model = MixtralForCausalLM(config).to(getattr(torch, dtype)).eval()
+    config = AutoConfig.for_model(rules["model_types"][0], **{**rules["example"], **overrides})
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).eval()  # type: ignore[no-untyped-call]
+    if random_vectors:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, 0.5)
+                elif param.ndim == 1:  # a norm's weight
+                    param.uniform_(0.5, 1.5)
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size}
     if fused_experts:
         kwargs["save_original_format"] = False

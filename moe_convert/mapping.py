@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import MappingError, collect
+
+if TYPE_CHECKING:
+    from .model_config import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -119,46 +123,40 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
-def check_model_fit(
-    mapping: Mapping,
-    *,
-    num_experts: int,
-    intermediate_size: int,
-    num_heads: int,
-    num_kv_heads: int,
-    num_layers: int,
-) -> list[str]:
-    """Every divisibility check of the spec, each naming the numbers. Returns the problems found."""
+def check_model_fit(mapping: Mapping, spec: ModelSpec) -> list[str]:
+    """Every divisibility check of the spec, each naming the numbers and config.json's keys. Returns the
+    problems found."""
     m = mapping
+    experts, ffn = spec.key("num_experts"), spec.key("expert_ffn_size")
+    heads, kv_heads, layers = spec.key("num_heads"), spec.key("num_kv_heads"), spec.key("num_layers")
     problems = []
-    if num_experts % m.moe_ep_size:
+    if spec.num_experts % m.moe_ep_size:
         problems.append(
-            f"num_local_experts {num_experts} is not divisible by moe_ep_size {m.moe_ep_size}; "
-            f"choose an --moe_ep_size that divides {num_experts}"
+            f"{experts} {spec.num_experts} is not divisible by moe_ep_size {m.moe_ep_size}; "
+            f"choose an --moe_ep_size that divides {spec.num_experts}"
         )
-    if intermediate_size % m.moe_tp_size:
+    if spec.expert_ffn_size % m.moe_tp_size:
         problems.append(
-            f"intermediate_size {intermediate_size} is not divisible by moe_tp_size {m.moe_tp_size}; "
-            f"choose an --moe_tp_size that divides {intermediate_size}"
+            f"{ffn} {spec.expert_ffn_size} is not divisible by moe_tp_size {m.moe_tp_size}; "
+            f"choose an --moe_tp_size that divides {spec.expert_ffn_size}"
         )
-    if num_heads % m.tp_size:
+    if spec.num_heads % m.tp_size:
         problems.append(
-            f"num_attention_heads {num_heads} is not divisible by tp_size {m.tp_size}; "
-            f"choose a --tp_size that divides {num_heads}"
+            f"{heads} {spec.num_heads} is not divisible by tp_size {m.tp_size}; "
+            f"choose a --tp_size that divides {spec.num_heads}"
         )
-    if num_kv_heads >= m.tp_size and num_kv_heads % m.tp_size:
+    if spec.num_kv_heads >= m.tp_size and spec.num_kv_heads % m.tp_size:
         problems.append(
-            f"num_key_value_heads {num_kv_heads} is not divisible by tp_size {m.tp_size} "
-            f"(kv heads >= tp must split evenly)"
+            f"{kv_heads} {spec.num_kv_heads} is not divisible by tp_size {m.tp_size} (kv heads >= tp must split evenly)"
         )
-    if num_kv_heads < m.tp_size and m.tp_size % num_kv_heads:
+    if spec.num_kv_heads < m.tp_size and m.tp_size % spec.num_kv_heads:
         problems.append(
-            f"tp_size {m.tp_size} is not a multiple of num_key_value_heads {num_kv_heads} "
+            f"tp_size {m.tp_size} is not a multiple of {kv_heads} {spec.num_kv_heads} "
             f"(kv heads < tp are duplicated tp/nkv times, which must be whole)"
         )
-    if m.pp_size > num_layers:
+    if m.pp_size > spec.num_layers:
         problems.append(
-            f"pp_size {m.pp_size} is larger than num_hidden_layers {num_layers}; "
+            f"pp_size {m.pp_size} is larger than {layers} {spec.num_layers}; "
             f"every pipeline stage needs at least one layer"
         )
     return problems

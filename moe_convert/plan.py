@@ -15,7 +15,7 @@ from typing import Any
 from .errors import CheckpointError, MappingError, UsageError, collect
 from .header import FLOAT_CODES, itemsize
 from .mapping import Mapping, RankCoords, check_model_fit, stage_layers
-from .source import ModelSpec
+from .model_config import ModelSpec, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +111,6 @@ class Plan:
 
 def _count(items: list[str], singular: str, plural: str) -> str:
     return f"1 {singular}" if len(items) == 1 else f"{len(items)} {plural}"
-
-
-def evaluate(expr: int | str, dims: dict[str, int]) -> int:
-    """A shape expression of the rules: an int, a dim name, or a product like `2*intermediate_size`."""
-    if isinstance(expr, int):
-        return expr
-    return math.prod(int(f) if f.strip().isdigit() else dims[f.strip()] for f in expr.split("*"))
 
 
 def resolve_dtype(requested: str, spec: ModelSpec, sources: dict[str, SourceTensor]) -> str:
@@ -224,9 +217,11 @@ def _embedding(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBu
 
 
 def _qkv_heads(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
-    """cat(q, k, v) of this rank's heads; kv heads fewer than tp are repeated tp/nkv times first."""
+    """cat(q, k, v) rows of this rank's heads (weights [rows, H] or biases [rows]); kv heads fewer than tp
+    are repeated tp/nkv times first."""
     spec, tp, tp_rank = ctx.spec, ctx.mapping.tp_size, ctx.coords.tp_rank
     d, rows_total = spec.head_dim, 0
+    rest: tuple[int, ...] = ()
     for key, heads in zip(keys, (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads), strict=False):
         ref = ctx.resolve(key, layer, None)
         if heads >= tp:
@@ -235,8 +230,20 @@ def _qkv_heads(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBu
             head = tp_rank // (tp // heads)  # repeated consecutively: head 0, head 0, head 1, ...
             rows = (head * d, (head + 1) * d)
         out.add(ref, rows=rows)
-        rows_total += rows[1] - rows[0]
-    return rows_total, spec.hidden_size
+        rows_total, rest = rows_total + rows[1] - rows[0], ref.shape[1:]
+    return rows_total, *rest
+
+
+def _tp_rows(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
+    """cat of each source's row chunk over tp, in `keys` order (a dense MLP's fc: up chunk, then gate chunk)."""
+    rows_total = 0
+    rest: tuple[int, ...] = ()
+    for key in keys:
+        ref = ctx.resolve(key, layer, None)
+        rows = ctx.chunk(ref.shape[0], ctx.mapping.tp_size, ctx.coords.tp_rank)
+        out.add(ref, rows=rows)
+        rows_total, rest = rows_total + rows[1] - rows[0], ref.shape[1:]
+    return rows_total, *rest
 
 
 def _local_experts(ctx: _Context) -> range:
@@ -245,7 +252,7 @@ def _local_experts(ctx: _Context) -> range:
 
 
 def _ffn_slice(ctx: _Context) -> tuple[int, int]:
-    return ctx.chunk(ctx.spec.intermediate_size, ctx.mapping.moe_tp_size, ctx.coords.moe_tp_rank)
+    return ctx.chunk(ctx.spec.expert_ffn_size, ctx.mapping.moe_tp_size, ctx.coords.moe_tp_rank)
 
 
 def _expert_rows(ctx: _Context, keys: list[str], layer: int | None, out: _TensorBuilder) -> tuple[int, ...]:
@@ -268,6 +275,7 @@ def _expert_columns(ctx: _Context, keys: list[str], layer: int | None, out: _Ten
 SPLITS: dict[str, SplitFn] = {
     "replicate": _replicate,
     "tp_columns": _tp_columns,
+    "tp_rows": _tp_rows,
     "tp_rows_padded": _tp_rows_padded,
     "embedding": _embedding,
     "qkv_heads": _qkv_heads,
@@ -276,12 +284,24 @@ SPLITS: dict[str, SplitFn] = {
 }
 
 
-def _source_entries(spec: ModelSpec, layout: str) -> dict[str, dict[str, Any]]:
+def _applies(spec: ModelSpec, entry: dict[str, Any]) -> bool:
+    """Whether a source or weight rule is part of this model: `when` names a flag (e.g. qkv_bias)."""
+    return "when" not in entry or bool(getattr(spec, entry["when"]))
+
+
+def source_entries(spec: ModelSpec, layout: str) -> dict[str, dict[str, Any]]:
+    """The rules' source tensors of this model with the given expert layout, by key."""
     rules = spec.rules
-    return {**rules["sources"], **rules["expert_layouts"][layout]}
+    entries = {**rules["sources"], **rules["expert_layouts"][layout]}
+    return {key: entry for key, entry in entries.items() if _applies(spec, entry)}
 
 
-def _expected_names(
+def weight_rules(spec: ModelSpec) -> list[dict[str, Any]]:
+    """The rules' output tensors of this model, in file order."""
+    return [rule for rule in spec.rules["weights"] if _applies(spec, rule)]
+
+
+def expected_names(
     spec: ModelSpec, entries: dict[str, dict[str, Any]]
 ) -> Iterator[tuple[str, str, int | None, int | None]]:
     """Every (key, tensor name, layer, expert) the source entries expect to read."""
@@ -300,7 +320,7 @@ def detect_expert_layout(spec: ModelSpec, names: set[str] | dict[str, Any]) -> s
     layouts = spec.rules["expert_layouts"]
     per_layer: dict[int, list[str]] = {}
     for layout, entries in layouts.items():
-        for key, name, layer, _ in _expected_names(spec, entries):
+        for key, name, layer, _ in expected_names(spec, entries):
             if key != "router" and layer is not None and name in names:
                 per_layer.setdefault(layer, [])
                 if layout not in per_layer[layer]:
@@ -328,13 +348,13 @@ def _check_sources(
 ) -> tuple[dict[tuple[str, int | None, int | None], _Ref], list[str]]:
     """Resolve every logical source to a tensor box; collect missing, misshapen and non-float tensors."""
     dims = spec.dims()
-    entries = _source_entries(spec, layout)
+    entries = source_entries(spec, layout)
     refs: dict[tuple[str, int | None, int | None], _Ref] = {}
     missing: list[str] = []
     bad_shape: list[str] = []
     bad_dtype: list[str] = []
     used: set[str] = set()
-    for key, name, layer, expert in _expected_names(spec, entries):
+    for key, name, layer, expert in expected_names(spec, entries):
         entry = entries[key]
         if name not in sources and entry.get("tied_to") and spec.tie_word_embeddings:
             tied = entries[entry["tied_to"]]["name"]
@@ -387,14 +407,7 @@ def plan_conversion(
         options: output dtype and embedding options.
     """
     options = options or ConvertOptions()
-    problems = check_model_fit(
-        mapping,
-        num_experts=spec.num_experts,
-        intermediate_size=spec.intermediate_size,
-        num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        num_layers=spec.num_layers,
-    )
+    problems = check_model_fit(mapping, spec) + _split_problems(spec, mapping)
     if options.embedding_sharding_dim not in (0, 1):
         problems.append(f"--embedding_sharding_dim must be 0 or 1, got {options.embedding_sharding_dim}")
     elif options.use_parallel_embedding and options.embedding_sharding_dim == 1 and spec.hidden_size % mapping.tp_size:
@@ -425,7 +438,7 @@ def plan_conversion(
         layers = stage_layers(spec.num_layers, mapping.pp_size, coords.pp_rank)
         tensors = []
         # Stage-wide tensors first, then layer by layer (the order of the source), then the head.
-        rules = spec.rules["weights"]
+        rules = weight_rules(spec)
         slots: list[tuple[dict[str, Any], int | None, int | None]] = []
         if coords.pp_rank == 0:
             slots += [(rule, None, None) for rule in rules if rule["scope"] == "first_stage"]
@@ -450,6 +463,27 @@ def plan_conversion(
             )
         )
     return Plan(spec, mapping, options, dtype, layout, tuple(ranks), sources, warnings)
+
+
+def _split_problems(spec: ModelSpec, mapping: Mapping) -> list[str]:
+    """Row counts a tp_rows split must cut evenly (e.g. the shared expert's FFN width), named as config.json
+    names them."""
+    problems = []
+    dims = spec.dims()
+    entries = source_entries(spec, next(iter(spec.rules["expert_layouts"])))
+    for rule in weight_rules(spec):
+        if rule["split"] != "tp_rows":
+            continue
+        for expr in dict.fromkeys(entries[key]["shape"][0] for key in rule["sources"]):
+            rows = evaluate(expr, dims)
+            if rows % mapping.tp_size:
+                what = spec.key(expr) if isinstance(expr, str) else str(expr)
+                target = rule["target"].format(local_layer="N")
+                problems.append(
+                    f"{what} {rows} is not divisible by tp_size {mapping.tp_size} ({target} is split over tp); "
+                    f"choose a --tp_size that divides {rows}"
+                )
+    return problems
 
 
 def _file_order(tensors: list[PlannedTensor]) -> tuple[PlannedTensor, ...]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import Rules, rules_for
 from .errors import CheckpointError, ConfigError, MoeConvertError
 from .header import TensorInfo, read_header
+from .model_config import ModelSettings, ModelSpec, read_model
 
 log = logging.getLogger(__name__)
 
@@ -26,46 +23,12 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """The sizes and settings of the source model that planning and config.json need."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    num_experts: int
-    top_k: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    dtype: str | None  # torch dtype name from config.json (torch_dtype or dtype), if any
-    architecture: str
-    rules: Rules = field(repr=False, compare=False, hash=False)
-
-    def dims(self) -> dict[str, int]:
-        """Names usable in the shape expressions of the architecture rules."""
-        return {
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_heads": self.num_heads,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "num_experts": self.num_experts,
-        }
-
-
-@dataclass(frozen=True)
 class SourceCheckpoint:
     """A local checkpoint directory, its model, and every tensor's location (headers only)."""
 
     model_dir: Path
     spec: ModelSpec
+    settings: ModelSettings
     tensors: dict[str, TensorInfo]
     files: tuple[Path, ...]  # the shards, in index order
     hub_id: str | None = None  # set when --model_dir was a hub repo id
@@ -101,110 +64,25 @@ def check_within(model_dir: Path, path: Path, error: type[MoeConvertError]) -> N
         raise error(f"{path}: resolves to {real}, outside the model directory (a symlink?); refusing it")
 
 
-def read_config(model_dir: Path) -> ModelSpec:
-    """Read config.json through transformers (old and new key spellings) after checking it ourselves."""
+def read_config(model_dir: Path) -> tuple[ModelSpec, ModelSettings]:
+    """Read config.json: the sizes per the family's rules, then the settings through transformers."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; --model_dir must hold a Hugging Face config.json")
     check_within(model_dir, path, ConfigError)
+    return read_model(load_config_json(path), str(path))
+
+
+def load_config_json(path: Path) -> dict[str, Any]:
     raw = load_json_file(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, found a {type(raw).__name__}")
-    return spec_from_config_dict(raw, str(path))
+    return raw
 
 
 def spec_from_config_dict(raw: dict[str, Any], where: str) -> ModelSpec:
-    architectures = raw.get("architectures") or []
-    if not isinstance(architectures, list):
-        architectures = [str(architectures)]
-    rules = rules_for([str(a) for a in architectures], raw.get("model_type"), where)
-    missing = [k for k in rules["required_config_keys"] if k not in raw]
-    if missing:
-        raise ConfigError(f"{where}: required keys missing: {', '.join(missing)}")
-    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null means "the default"
-    sizes = {k: raw[k] for k in [*rules["required_config_keys"], *optional] if k in raw}
-    bad = [
-        f"{k}={v!r}"
-        for k, v in sizes.items()
-        if not (v is None and k in optional) and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
-    ]
-    if bad:
-        raise ConfigError(f"{where}: sizes must be positive integers: {', '.join(bad)}")
-    if raw["num_experts_per_tok"] > raw["num_local_experts"]:
-        raise ConfigError(
-            f"{where}: num_experts_per_tok {raw['num_experts_per_tok']} is larger than "
-            f"num_local_experts {raw['num_local_experts']}"
-        )
-    from transformers import AutoConfig  # slow import; only once a config is known to be sane
-
-    cfg_dict = {k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")}
-    model_type = rules["model_types"][0]
-    cfg_dict.pop("model_type", None)
-    try:
-        with _transformers_logs_to(where):
-            cfg = AutoConfig.for_model(model_type, **cfg_dict)
-    except Exception as e:  # transformers' validators raise many types (strict dataclass errors, AttributeError)
-        detail = " ".join(str(e).split())  # their messages span lines; ours is one
-        raise ConfigError(f"{where}: transformers rejects this config: {type(e).__name__}: {detail}") from e
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"{where}: rope_parameters must be an object, got {rope!r}")
-    rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
-    if rope_theta is None:
-        raise ConfigError(f"{where}: no rope_theta (or rope_parameters.rope_theta)")
-    for key, value in (("rope_theta", rope_theta), ("rms_norm_eps", cfg.rms_norm_eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
-    rope_type = rope.get("rope_type", "default")
-    scaling = None
-    if rope_type not in (None, "default"):
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    elif isinstance(raw.get("rope_scaling"), dict):
-        scaling = raw["rope_scaling"]
-    nh = int(cfg.num_attention_heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    dtype = raw.get("dtype") or raw.get("torch_dtype")
-    return ModelSpec(
-        hidden_size=int(cfg.hidden_size),
-        intermediate_size=int(cfg.intermediate_size),
-        num_layers=int(cfg.num_hidden_layers),
-        num_heads=nh,
-        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or nh),
-        head_dim=int(head_dim),
-        vocab_size=int(cfg.vocab_size),
-        num_experts=int(cfg.num_local_experts),
-        top_k=int(cfg.num_experts_per_tok),
-        rms_norm_eps=float(cfg.rms_norm_eps),
-        rope_theta=float(rope_theta),
-        rope_scaling=scaling,
-        max_position_embeddings=int(cfg.max_position_embeddings),
-        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        dtype=str(dtype) if dtype else None,
-        architecture=rules["hf_architectures"][0],
-        rules=rules,
-    )
-
-
-@contextlib.contextmanager
-def _transformers_logs_to(where: str) -> Iterator[None]:
-    """Route transformers' log records and warnings about the config to our logger, one line each,
-    instead of its own stderr handler (which would break the one-line error contract)."""
-    tf_log = logging.getLogger("transformers")
-
-    class Forward(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            log.log(record.levelno, "%s: transformers: %s", where, " ".join(record.getMessage().split()))
-
-    saved = tf_log.handlers[:], tf_log.propagate
-    tf_log.handlers[:], tf_log.propagate = [Forward()], False
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-        for w in caught:
-            log.warning("%s: transformers: %s", where, " ".join(str(w.message).split()))
-    finally:
-        tf_log.handlers[:], tf_log.propagate = saved
+    """The planner's view of a config.json's contents, after every check of both reading steps."""
+    return read_model(raw, where)[0]
 
 
 def _hub_blobs(root: Path) -> list[Path]:
@@ -278,7 +156,7 @@ def open_source(model_dir: Path) -> SourceCheckpoint:
         raise ConfigError(f"{model_dir}: --model_dir does not exist")
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: --model_dir is not a directory")
-    spec = read_config(model_dir)
+    spec, settings = read_config(model_dir)
     files, weight_map = shard_files(model_dir)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -301,4 +179,4 @@ def open_source(model_dir: Path) -> SourceCheckpoint:
                 + ", ".join(problems[:10])
                 + (f" and {len(problems) - 10} more" if len(problems) > 10 else "")
             )
-    return SourceCheckpoint(model_dir=model_dir, spec=spec, tensors=tensors, files=tuple(files))
+    return SourceCheckpoint(model_dir=model_dir, spec=spec, settings=settings, tensors=tensors, files=tuple(files))

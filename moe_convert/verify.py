@@ -459,7 +459,8 @@ class _Verifier:
         """Per TP group, each expert's FFN rows [0, I) are split among its ranks exactly once."""
         moe = _dict(config.get("moe")) if config else {}
         n_experts = moe.get("num_experts") if isinstance(moe.get("num_experts"), int) else None
-        inter = config.get("intermediate_size") if config else None
+        # Each expert's FFN width: moe_intermediate_size where a family has both (Qwen), else intermediate_size.
+        inter = (config.get("moe_intermediate_size") or config.get("intermediate_size")) if config else None
         if n_experts is None:
             n_experts = max((e + 1 for r in ranks for e in r.experts), default=0)
         if not isinstance(inter, int):
@@ -554,7 +555,7 @@ class _Verifier:
                             f"but the source and options give {_show(b)}"
                         )
         if config is not None:
-            for path, a, b in _diff(config, trtllm_config(plan), ""):
+            for path, a, b in _diff(config, trtllm_config(plan, source.settings), ""):
                 self.problem(
                     f"{CONFIG_FILE}: {path.lstrip('.')} is {_show(a)}, but the source and options give {_show(b)}"
                 )

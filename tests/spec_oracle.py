@@ -1,7 +1,8 @@
-"""Test oracle: rebuild the HF source tensors from rank files using the layout spec's rules alone.
+"""Test oracle: rebuild the HF source tensors from rank files using the layout specs' rules alone.
 
-Independent of moe_convert's planner and manifest: everything here is written from
-shared/spec/trtllm-mixtral-layout.md, so a planner bug cannot hide behind a matching oracle bug.
+Independent of moe_convert's planner, rules files and manifest: everything here is written from
+shared/spec/trtllm-mixtral-layout.md and trtllm-qwen-moe-layout.md, so a planner bug cannot hide behind a
+matching oracle bug.
 """
 
 from __future__ import annotations
@@ -30,32 +31,71 @@ WIDE = {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64}
 
 
 @dataclass(frozen=True)
+class Family:
+    """What the two layout specs say differs between families, by HF model_type."""
+
+    moe: str  # the module of router and experts in HF names
+    gate: str  # per-expert HF names of the gate, up and down projections
+    up: str
+    down: str
+    qkv_bias: bool  # q/k/v biases unless config.json says qkv_bias false
+    qk_norm: bool  # per-head q/k RMSNorm
+
+
+FAMILIES = {
+    "mixtral": Family("block_sparse_moe", "w1", "w3", "w2", qkv_bias=False, qk_norm=False),
+    "qwen2_moe": Family("mlp", "gate_proj", "up_proj", "down_proj", qkv_bias=True, qk_norm=False),
+    "qwen3_moe": Family("mlp", "gate_proj", "up_proj", "down_proj", qkv_bias=False, qk_norm=True),
+}
+
+
+@dataclass(frozen=True)
 class Sizes:
     """The HF model sizes the spec's rules need (read straight from config.json)."""
 
     H: int
-    I: int  # noqa: E741
+    I: int  # noqa: E741  # each routed expert's FFN width
     L: int
     nh: int
     nkv: int
     d: int
     V: int
     E: int
+    S: int = 0  # the shared expert's FFN width; 0: none
+    model_type: str = "mixtral"
+    bias: bool = False
+    tied: bool = False
 
     @classmethod
     def of(cls, model_dir: Path) -> Sizes:
         c = json.loads((model_dir / "config.json").read_text())
         nh = c["num_attention_heads"]
+        fam = FAMILIES[c["model_type"]]
         return cls(
             H=c["hidden_size"],
-            I=c["intermediate_size"],
+            I=c.get("moe_intermediate_size") or c["intermediate_size"],
             L=c["num_hidden_layers"],
             nh=nh,
             nkv=c.get("num_key_value_heads") or nh,
             d=c.get("head_dim") or c["hidden_size"] // nh,
             V=c["vocab_size"],
-            E=c["num_local_experts"],
+            E=c.get("num_local_experts") or c["num_experts"],
+            S=c.get("shared_expert_intermediate_size", 0),
+            model_type=c["model_type"],
+            bias=c.get("qkv_bias", fam.qkv_bias),
+            tied=c.get("tie_word_embeddings", False),
         )
+
+    @property
+    def fam(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    def expert(self, layer: int, e: int, which: str) -> str:
+        """The classic HF name of expert e's gate, up or down weight."""
+        return f"model.layers.{layer}.{self.fam.moe}.experts.{e}.{getattr(self.fam, which)}.weight"
+
+    def router(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.fam.moe}.gate.weight"
 
 
 @dataclass(frozen=True)
@@ -127,35 +167,29 @@ def classic_view(raw: dict[str, torch.Tensor], sizes: Sizes) -> dict[str, torch.
     for name, t in raw.items():
         parts = name.split(".")
         if ".mlp.experts.gate_up_proj" in name:
-            p = f"model.layers.{parts[2]}.block_sparse_moe.experts"
             for e in range(sizes.E):
-                out[f"{p}.{e}.w1.weight"] = t[e, : sizes.I]
-                out[f"{p}.{e}.w3.weight"] = t[e, sizes.I :]
+                out[sizes.expert(int(parts[2]), e, "gate")] = t[e, : sizes.I]
+                out[sizes.expert(int(parts[2]), e, "up")] = t[e, sizes.I :]
         elif ".mlp.experts.down_proj" in name:
-            p = f"model.layers.{parts[2]}.block_sparse_moe.experts"
             for e in range(sizes.E):
-                out[f"{p}.{e}.w2.weight"] = t[e]
+                out[sizes.expert(int(parts[2]), e, "down")] = t[e]
         elif name.endswith(".mlp.gate.weight"):
-            out[f"model.layers.{parts[2]}.block_sparse_moe.gate.weight"] = t
+            out[sizes.router(int(parts[2]))] = t
         else:
             out[name] = t
     return out
 
 
-def expected_rank_names(pp_rank: int, pp: int, n_local: int) -> set[str]:
-    names = {
-        f"transformer.layers.{j}.{s}.weight"
-        for j in range(n_local)
-        for s in (
-            "input_layernorm",
-            "attention.qkv",
-            "attention.dense",
-            "post_layernorm",
-            "mlp.router",
-            "mlp.fc",
-            "mlp.proj",
-        )
-    }
+def expected_rank_names(pp_rank: int, pp: int, n_local: int, s: Sizes | None = None) -> set[str]:
+    per_layer = ["input_layernorm", "attention.qkv", "attention.dense", "post_layernorm", "mlp.router", "mlp.fc"]
+    per_layer.append("mlp.proj")
+    if s is not None and s.S:
+        per_layer += ["mlp.shared_expert.fc", "mlp.shared_expert.proj", "mlp.shared_expert_gate"]
+    if s is not None and s.fam.qk_norm:
+        per_layer += ["attention.q_layernorm", "attention.k_layernorm"]
+    names = {f"transformer.layers.{j}.{x}.weight" for j in range(n_local) for x in per_layer}
+    if s is not None and s.bias:
+        names |= {f"transformer.layers.{j}.attention.qkv.bias" for j in range(n_local)}
     if pp_rank == 0:
         names.add("transformer.vocab_embedding.weight")
     if pp_rank == pp - 1:
@@ -194,7 +228,7 @@ def reassemble(output_dir: Path, s: Sizes, lay: Layout, out_dtype: torch.dtype) 
     ranks = [load_file(output_dir / f"rank{r}.safetensors") for r in range(world)]
     per_stage = stage_sizes(s.L, pp)
     for rank, st in enumerate(ranks):
-        assert set(st) == expected_rank_names(rank // tp, pp, per_stage[rank // tp]), f"rank{rank} tensor names"
+        assert set(st) == expected_rank_names(rank // tp, pp, per_stage[rank // tp], s), f"rank{rank} tensor names"
         for name, t in st.items():
             want = torch.float32 if name.endswith("mlp.router.weight") else out_dtype
             assert t.dtype == want, f"rank{rank} {name} is {t.dtype}, expected {want}"
@@ -210,7 +244,11 @@ def reassemble(output_dir: Path, s: Sizes, lay: Layout, out_dtype: torch.dtype) 
         assert all(e.shape == (s.V, s.H // tp) for e in emb)
         out["model.embed_tokens.weight"] = torch.cat(emb, dim=1)
     out["model.norm.weight"] = _same([r["transformer.ln_f.weight"] for r in last], "ln_f")
-    out["lm_head.weight"] = _unpad([r["lm_head.weight"] for r in last], s.V, tp, "lm_head")
+    lm_head = _unpad([r["lm_head.weight"] for r in last], s.V, tp, "lm_head")
+    if s.tied:  # a copy of the embedding, padded and split as lm_head; the source has no lm_head.weight
+        assert torch.equal(lm_head, out["model.embed_tokens.weight"]), "tied lm_head differs from the embedding"
+    else:
+        out["lm_head.weight"] = lm_head
 
     q_rows = s.nh // tp * s.d
     kv_rows = (s.nkv // tp if s.nkv >= tp else 1) * s.d
@@ -220,15 +258,33 @@ def reassemble(output_dir: Path, s: Sizes, lay: Layout, out_dtype: torch.dtype) 
         group = ranks[p * tp : (p + 1) * tp]
         for j in range(n_local):
             src, dst = f"model.layers.{layer}", f"transformer.layers.{j}"
-            qkv = [r[f"{dst}.attention.qkv.weight"] for r in group]
-            assert all(t.shape == (q_rows + 2 * kv_rows, s.H) for t in qkv), f"{dst} qkv shape"
-            out[f"{src}.self_attn.q_proj.weight"] = torch.cat([t[:q_rows] for t in qkv])
-            for i, kv in ((1, "k"), (2, "v")):
-                parts = [t[q_rows + (i - 1) * kv_rows : q_rows + i * kv_rows] for t in qkv]
-                if s.nkv < tp:  # each head repeated tp/nkv times on consecutive ranks
-                    rep = tp // s.nkv
-                    parts = [_same(parts[h * rep : (h + 1) * rep], f"{dst} {kv} head {h}") for h in range(s.nkv)]
-                out[f"{src}.self_attn.{kv}_proj.weight"] = torch.cat(parts)
+            for suffix in ("weight", "bias") if s.bias else ("weight",):  # bias rows split as the weight rows
+                qkv = [r[f"{dst}.attention.qkv.{suffix}"] for r in group]
+                assert all(t.shape == (q_rows + 2 * kv_rows, s.H)[: t.dim()] for t in qkv), f"{dst} qkv shape"
+                out[f"{src}.self_attn.q_proj.{suffix}"] = torch.cat([t[:q_rows] for t in qkv])
+                for i, kv in ((1, "k"), (2, "v")):
+                    parts = [t[q_rows + (i - 1) * kv_rows : q_rows + i * kv_rows] for t in qkv]
+                    if s.nkv < tp:  # each head repeated tp/nkv times on consecutive ranks
+                        rep = tp // s.nkv
+                        parts = [_same(parts[h * rep : (h + 1) * rep], f"{dst} {kv} head {h}") for h in range(s.nkv)]
+                    out[f"{src}.self_attn.{kv}_proj.{suffix}"] = torch.cat(parts)
+            if s.fam.qk_norm:
+                for x in ("q", "k"):
+                    norms = [r[f"{dst}.attention.{x}_layernorm.weight"] for r in group]
+                    assert norms[0].shape == (s.d,), f"{dst} {x}_layernorm shape"
+                    out[f"{src}.self_attn.{x}_norm.weight"] = _same(norms, f"{dst} {x}_layernorm")
+            if s.S:  # the shared expert: a dense MLP over the whole TP group, fc = [up chunk; gate chunk]
+                S_loc = s.S // tp
+                fc = [r[f"{dst}.mlp.shared_expert.fc.weight"] for r in group]
+                assert all(t.shape == (2 * S_loc, s.H) for t in fc), f"{dst} shared_expert.fc shape"
+                out[f"{src}.mlp.shared_expert.up_proj.weight"] = torch.cat([t[:S_loc] for t in fc])
+                out[f"{src}.mlp.shared_expert.gate_proj.weight"] = torch.cat([t[S_loc:] for t in fc])
+                proj = [r[f"{dst}.mlp.shared_expert.proj.weight"] for r in group]
+                assert all(t.shape == (s.H, S_loc) for t in proj), f"{dst} shared_expert.proj shape"
+                out[f"{src}.mlp.shared_expert.down_proj.weight"] = torch.cat(proj, dim=1)
+                gates = [r[f"{dst}.mlp.shared_expert_gate.weight"] for r in group]
+                assert gates[0].shape == (1, s.H), f"{dst} shared_expert_gate shape"
+                out[f"{src}.mlp.shared_expert_gate.weight"] = _same(gates, f"{dst} shared_expert_gate")
             dense = [r[f"{dst}.attention.dense.weight"] for r in group]
             assert all(t.shape == (s.H, s.nh * s.d // tp) for t in dense)
             out[f"{src}.self_attn.o_proj.weight"] = torch.cat(dense, dim=1)
@@ -236,9 +292,7 @@ def reassemble(output_dir: Path, s: Sizes, lay: Layout, out_dtype: torch.dtype) 
             out[f"{src}.post_attention_layernorm.weight"] = _same(
                 [r[f"{dst}.post_layernorm.weight"] for r in group], "post norm"
             )
-            out[f"{src}.block_sparse_moe.gate.weight"] = _same(
-                [r[f"{dst}.mlp.router.weight"] for r in group], f"{dst} router"
-            )
+            out[s.router(layer)] = _same([r[f"{dst}.mlp.router.weight"] for r in group], f"{dst} router")
             w1 = torch.zeros(s.E, s.I, s.H, dtype=out_dtype)
             w3 = torch.zeros_like(w1)
             w2 = torch.zeros(s.E, s.H, s.I, dtype=out_dtype)
@@ -256,8 +310,8 @@ def reassemble(output_dir: Path, s: Sizes, lay: Layout, out_dtype: torch.dtype) 
                     w2[e, :, rows] = proj[k]
             assert (held == 1).all(), f"{dst}: expert x FFN slice counts per TP group {held.tolist()}"
             for e in range(s.E):
-                p_ = f"{src}.block_sparse_moe.experts.{e}"
-                out[f"{p_}.w1.weight"], out[f"{p_}.w2.weight"], out[f"{p_}.w3.weight"] = w1[e], w2[e], w3[e]
+                out[s.expert(layer, e, "gate")], out[s.expert(layer, e, "up")] = w1[e], w3[e]
+                out[s.expert(layer, e, "down")] = w2[e]
             layer += 1
     return out
 
@@ -268,7 +322,7 @@ def assert_matches_source(
     """Every source tensor, cast to the output dtype (router: float32), equals its rebuilt copy."""
     assert set(rebuilt) == set(source)
     for name, t in source.items():
-        want = t.to(torch.float32 if name.endswith("block_sparse_moe.gate.weight") else dtype)
+        want = t.to(torch.float32 if name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight")) else dtype)
         got = rebuilt[name]
         assert got.dtype == want.dtype and torch.equal(got, want), f"{name} differs from the source"
 
@@ -331,10 +385,10 @@ def naive() -> ModuleType:
 
 
 def reference_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
-    """transformers' MixtralForCausalLM in float32, eval mode, no cache."""
-    from transformers import MixtralForCausalLM
+    """transformers' own model class for the checkpoint (MixtralForCausalLM, ...) in float32, eval mode, no cache."""
+    from transformers import AutoModelForCausalLM
 
-    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()  # type: ignore[no-untyped-call]  # no dropout, whatever the config says
     with torch.no_grad():
         logits: torch.Tensor = model(input_ids=input_ids, use_cache=False).logits

@@ -204,14 +204,7 @@ def test_the_example_job_file_fits_mixtral_8x7b() -> None:
     spec = read_config_file(spec_dir / "mixtral-8x7b-v0.1.config.json")
     for m in job.mappings:
         mapping = m.resolve()
-        assert not check_model_fit(
-            mapping,
-            num_experts=spec.num_experts,
-            intermediate_size=spec.intermediate_size,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            num_layers=spec.num_layers,
-        )
+        assert not check_model_fit(mapping, spec)
     assert [m.output_subdir() for m in job.mappings] == [
         "tp8_pp1_moetp1_moeep8",
         "tp8_pp1_moetp2_moeep4",

@@ -370,8 +370,8 @@ CASES = [
     ),
     Case(
         "no_architectures_unknown_model_type",
-        lambda m, t: edit_config(m, architectures=..., model_type="qwen2_moe"),
-        ("model_type 'qwen2_moe'", "supported: MixtralForCausalLM"),
+        lambda m, t: edit_config(m, architectures=..., model_type="llama"),
+        ("model_type 'llama'", "supported: MixtralForCausalLM"),
     ),
     Case(
         "required_keys_missing",

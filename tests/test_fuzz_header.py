@@ -464,6 +464,6 @@ def test_random_configs_raise_only_config_errors(cfg: dict[str, Any]) -> None:
         spec = spec_from_config_dict(cfg, "config.json")
     except MoeConvertError:
         return
-    for v in (spec.hidden_size, spec.intermediate_size, spec.num_layers, spec.num_heads, spec.num_experts):
+    for v in (spec.hidden_size, spec.expert_ffn_size, spec.num_layers, spec.num_heads, spec.num_experts):
         assert isinstance(v, int) and v >= 1
     assert 1 <= spec.top_k <= spec.num_experts

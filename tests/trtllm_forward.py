@@ -1,7 +1,9 @@
-"""Pure-torch simulation of TensorRT-LLM running a converted Mixtral checkpoint (TP x MoE-TP x MoE-EP x PP).
+"""Pure-torch simulation of TensorRT-LLM running a converted MoE checkpoint (TP x MoE-TP x MoE-EP x PP).
 
 It reads only the converted directory (config.json + rank{N}.safetensors) and computes what each rank would
-compute, summing partial outputs over the TP group as the all-reduce does. All math is float32.
+compute, summing partial outputs over the TP group as the all-reduce does. All math is float32. What a
+layer has decides what it computes, as in TensorRT-LLM: a qkv bias, per-head q/k RMSNorm (Qwen3-MoE), a
+shared expert with its sigmoid gate (Qwen2-MoE); moe.normalization_mode says whether top-k is renormalised.
 """
 
 from __future__ import annotations
@@ -35,17 +37,23 @@ def rope_cos_sin(seq: int, d: int, base: float) -> tuple[torch.Tensor, torch.Ten
 
 
 def attention_partial(
-    x_BSH: torch.Tensor, qkv: torch.Tensor, dense: torch.Tensor, q_heads: int, d: int, base: float
+    x_BSH: torch.Tensor, r: RankState, p: str, q_heads: int, d: int, base: float, eps: float
 ) -> torch.Tensor:
     """One rank's attention: its heads only, times its dense column chunk (partial sum of the output)."""
     B, S, _ = x_BSH.shape
+    qkv, dense = r[f"{p}.attention.qkv.weight"], r[f"{p}.attention.dense.weight"]
     kv_heads = (qkv.shape[0] // d - q_heads) // 2  # derived from the shape: nkv/tp, or 1 when duplicated
     q_rows, kv_rows = q_heads * d, kv_heads * d
     qkv_BSX = x_BSH @ qkv.T
+    if f"{p}.attention.qkv.bias" in r:
+        qkv_BSX = qkv_BSX + r[f"{p}.attention.qkv.bias"]
     q, k, v = (
         qkv_BSX[..., lo : lo + n].reshape(B, S, -1, d).transpose(1, 2)  # [B, heads, S, d]
         for lo, n in ((0, q_rows), (q_rows, kv_rows), (q_rows + kv_rows, kv_rows))
     )
+    if f"{p}.attention.q_layernorm.weight" in r:  # RMSNorm over each head's d values, before RoPE
+        q = rms_norm(q, r[f"{p}.attention.q_layernorm.weight"], eps)
+        k = rms_norm(k, r[f"{p}.attention.k_layernorm.weight"], eps)
     cos, sin = rope_cos_sin(S, d, base)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     k, v = (t.repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))  # GQA inside the rank
@@ -69,12 +77,25 @@ def moe_partial(
     return out
 
 
-def route(x_NH: torch.Tensor, router_EH: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Dense [N, E] routing weights: softmax, top-k, renormalise (normalization_mode 1)."""
+def route(x_NH: torch.Tensor, router_EH: torch.Tensor, top_k: int, normalization_mode: int) -> torch.Tensor:
+    """Dense [N, E] routing weights: softmax over all experts, top-k, renormalised in mode 1 (not in mode 0)."""
+    assert normalization_mode in (0, 1), f"normalization_mode {normalization_mode} is not simulated"
     probs = (x_NH @ router_EH.T).softmax(-1)
     top_w, top_i = probs.topk(top_k, dim=-1)
-    top_w = top_w / top_w.sum(-1, keepdim=True)
+    if normalization_mode == 1:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
     return torch.zeros_like(probs).scatter(-1, top_i, top_w)
+
+
+def shared_expert_partial(x_NH: torch.Tensor, r: RankState, p: str) -> torch.Tensor:
+    """One rank's share of the shared expert: its fc rows [up; gate] and proj columns, times the sigmoid gate
+    (a rank file without the gate computes the expert ungated)."""
+    fc_FH, proj_HF = r[f"{p}.mlp.shared_expert.fc.weight"], r[f"{p}.mlp.shared_expert.proj.weight"]
+    up_FH, gate_FH = fc_FH.chunk(2, dim=0)
+    y = (F.silu(x_NH @ gate_FH.T) * (x_NH @ up_FH.T)) @ proj_HF.T
+    if f"{p}.mlp.shared_expert_gate.weight" in r:
+        y = y * torch.sigmoid(x_NH @ r[f"{p}.mlp.shared_expert_gate.weight"].T)
+    return y
 
 
 def embed(ids: torch.Tensor, group: list[RankState], cfg: dict[str, Any]) -> torch.Tensor:
@@ -101,7 +122,7 @@ def forward_from_rank_files(output_dir: str, input_ids: torch.Tensor) -> torch.T
     tp, pp, moe_ep = m["tp_size"], m["pp_size"], m["moe_ep_size"]
     d, eps, base = cfg["head_size"], cfg["norm_epsilon"], cfg["rotary_base"]
     q_heads = cfg["num_attention_heads"] // tp
-    top_k = cfg["moe"]["top_k"]
+    top_k, mode = cfg["moe"]["top_k"], cfg["moe"]["normalization_mode"]
     ranks = [
         {n: t.float() for n, t in load_file(os.path.join(output_dir, f"rank{r}.safetensors")).items()}
         for r in range(m["world_size"])
@@ -115,15 +136,12 @@ def forward_from_rank_files(output_dir: str, input_ids: torch.Tensor) -> torch.T
         for j in range(n_local):
             p = f"transformer.layers.{j}"
             h = rms_norm(x, group[0][f"{p}.input_layernorm.weight"], eps)
-            attn = [
-                attention_partial(h, r[f"{p}.attention.qkv.weight"], r[f"{p}.attention.dense.weight"], q_heads, d, base)
-                for r in group
-            ]
+            attn = [attention_partial(h, r, p, q_heads, d, base, eps) for r in group]
             x = x + torch.stack(attn).sum(0)  # all-reduce over the TP group
             h_NH = rms_norm(x, group[0][f"{p}.post_layernorm.weight"], eps).reshape(B * S, -1)
             routers = [r[f"{p}.mlp.router.weight"] for r in group]
             assert all(torch.equal(routers[0], w) for w in routers), "router must be identical on every rank"
-            weights_NE = route(h_NH, routers[0], top_k)
+            weights_NE = route(h_NH, routers[0], top_k, mode)
             moe = [
                 moe_partial(
                     h_NH,
@@ -134,6 +152,7 @@ def forward_from_rank_files(output_dir: str, input_ids: torch.Tensor) -> torch.T
                 )
                 for tp_rank, r in enumerate(group)
             ]
+            moe += [shared_expert_partial(h_NH, r, p) for r in group if f"{p}.mlp.shared_expert.fc.weight" in r]
             x = x + torch.stack(moe).sum(0).view(B, S, -1)  # all-reduce over the TP group
 
     last = ranks[(pp - 1) * tp :]
