@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -282,7 +283,10 @@ def read_settings(raw: dict[str, Any], spec: ModelSpec, where: str) -> ModelSett
     """Step (b): config.json's semantic values through transformers' config class, checked and finite."""
     from transformers import AutoConfig  # slow import; only once (a) found the config sane
 
-    cfg_dict = {k: v for k, v in raw.items() if k not in ("architectures", "transformers_version", "model_type")}
+    # A deep copy: transformers edits nested dicts (rope_scaling) in place, and `raw` stays the caller's.
+    cfg_dict = {
+        k: copy.deepcopy(v) for k, v in raw.items() if k not in ("architectures", "transformers_version", "model_type")
+    }
     with _transformers_notes(where) as notes:
         try:
             cfg = AutoConfig.for_model(spec.rules["model_types"][0], **cfg_dict)
