@@ -223,7 +223,7 @@ def convert(
     resume: bool = False,
     verify: bool = False,
 ) -> ConvertResult:
-    """Convert a Hugging Face Mixtral checkpoint into TensorRT-LLM rank files and a manifest.
+    """Convert a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE) into TensorRT-LLM rank files.
 
     Args:
         model_dir: directory with config.json and safetensors shards, or a hub repo id

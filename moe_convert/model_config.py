@@ -193,7 +193,7 @@ def read_sizes(raw: dict[str, Any], where: str) -> ModelSpec:
         raise ConfigError(
             f"{where}: architectures {', '.join(map(str, architectures))} and model_type {json.dumps(model_type)} "
             f"disagree ({rules['hf_architectures'][0]} has model_type {json.dumps(rules['model_types'][0])}); "
-            "which model is this? Fix config.json"
+            "fix config.json"
         )
     _check_refused(raw, rules, where)
     config = rules["config"]

@@ -42,6 +42,7 @@ CASES = [
     # --- sizes bounded before anything loops over them (item 6)
     Case("experts_1e8", {}, {"num_local_experts": 100_000_000}, ("num_local_experts 100000000", "limit of 4096")),
     Case("layers_5e7", {}, {"num_hidden_layers": 50_000_000}, ("num_hidden_layers 50000000", "limit of 1024")),
+    Case("layers_5e7_float", {}, {"num_hidden_layers": 5e7}, ("positive integers", "num_hidden_layers=50000000.0")),
     Case(
         "several_sizes_absurd",
         {},

@@ -399,3 +399,11 @@ def test_hub_id_of_a_qwen_checkpoint(make_checkpoint: MakeCheckpoint, tmp_path: 
         hub.manifest["source"]["hub_id"] == "acme/tiny-qwen" and hub.manifest["architecture"] == "Qwen2MoeForCausalLM"
     )
     assert dry_run("acme/tiny-qwen", tp_size=2, moe_ep_size=2).ok
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_example_command_builds_each_family(family: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["example", str(tmp_path / "ck"), "--family", family, "--quiet"])
+    assert result.exit_code == 0, result.output
+    spec = open_source(tmp_path / "ck").spec
+    assert spec.rules["name"] == family and len(list((tmp_path / "ck").glob("*.safetensors"))) >= 2
