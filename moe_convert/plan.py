@@ -272,6 +272,11 @@ def _expert_columns(ctx: _Context, keys: list[str], layer: int | None, out: _Ten
     return len(experts), ctx.spec.hidden_size, cols[1] - cols[0]
 
 
+PER_EXPERT_SPLITS = ("expert_rows", "expert_columns")  # one piece per local expert and source
+# Planning holds every piece in memory (a few hundred bytes each) and takes about 10 s per million. Real
+# models need far fewer (Qwen3-235B at tp8 with the default moe_tp8: 0.3 million).
+MAX_PLANNED_PIECES = 2_000_000
+
 SPLITS: dict[str, SplitFn] = {
     "replicate": _replicate,
     "tp_columns": _tp_columns,
@@ -407,7 +412,7 @@ def plan_conversion(
         options: output dtype and embedding options.
     """
     options = options or ConvertOptions()
-    problems = check_model_fit(mapping, spec) + _split_problems(spec, mapping)
+    problems = check_model_fit(mapping, spec) + _split_problems(spec, mapping) + _size_problems(spec, mapping)
     if options.embedding_sharding_dim not in (0, 1):
         problems.append(f"--embedding_sharding_dim must be 0 or 1, got {options.embedding_sharding_dim}")
     elif options.use_parallel_embedding and options.embedding_sharding_dim == 1 and spec.hidden_size % mapping.tp_size:
@@ -484,6 +489,23 @@ def _split_problems(spec: ModelSpec, mapping: Mapping) -> list[str]:
                     f"choose a --tp_size that divides {rows}"
                 )
     return problems
+
+
+def _size_problems(spec: ModelSpec, mapping: Mapping) -> list[str]:
+    """Refuse, before the loops, a plan too big to hold: the number of pieces it would have."""
+    experts = max(spec.num_experts // mapping.moe_ep_size, 1)
+    per_layer = sum(
+        len(rule["sources"]) * (experts if rule["split"] in PER_EXPERT_SPLITS else 1)
+        for rule in weight_rules(spec)
+        if rule["scope"] == "layer"
+    )
+    pieces = mapping.tp_size * spec.num_layers * per_layer
+    if pieces <= MAX_PLANNED_PIECES:
+        return []
+    return [
+        f"tp_size {mapping.tp_size} x {spec.num_layers} layers x {per_layer} pieces per layer = {pieces} pieces "
+        f"to plan, over the limit of {MAX_PLANNED_PIECES}; no real model needs that many: use a larger --moe_ep_size"
+    ]
 
 
 def _file_order(tensors: list[PlannedTensor]) -> tuple[PlannedTensor, ...]:

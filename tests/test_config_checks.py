@@ -55,6 +55,14 @@ CASES = [
         {"num_hidden_layers": 1000, "num_local_experts": 4000},
         ("num_hidden_layers 1000 x num_local_experts 4000 = 4000000", "limit of 65536"),
     ),
+    Case(
+        "plan_too_big_for_any_real_model",  # each size within bounds; tp32 x 1024 layers x 64 experts is not
+        {},
+        {"num_hidden_layers": 1024, "num_local_experts": 64, "num_attention_heads": 32},
+        ("tp_size 32 x 1024 layers x 199 pieces per layer = 6520832 pieces", "limit of 2000000", "--moe_ep_size"),
+        code=2,
+        args=("--tp_size", "32"),
+    ),
     Case("qwen_experts_1e8", QWEN2, {"num_experts": 100_000_000}, ("num_experts 100000000", "limit of 4096")),
     Case("head_dim_huge", QWEN3, {"head_dim": 10**7}, ("head_dim 10000000", "limit of 4096")),
     Case("positions_over_int32", {}, {"max_position_embeddings": 2**40}, ("max_position_embeddings", "2147483647")),
