@@ -22,6 +22,7 @@ from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .plan import CODE_NAMES, ConvertOptions, Plan, plan_conversion
+from .units import count, human_bytes
 from .writer import staging_buffer_bytes, write_thread_count
 
 # Interpreter, torch, transformers' config classes and the plan itself: about 150-200 MB measured on the
@@ -117,6 +118,7 @@ def dry_run(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
     workers: int | None = None,
     force: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -129,8 +131,8 @@ def dry_run(
         tp_size, pp_size, moe_tp_size, moe_ep_size: one mapping, as for `convert`.
         mappings: several mappings, as for `convert_batch` (the sizes above are then ignored).
         output_dir: where the conversion would write; enables the output-dir and free-space checks.
-        dtype, use_parallel_embedding, embedding_sharding_dim, workers, force, chunk_bytes, revision:
-            as for `convert`.
+        dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing, workers, force,
+        chunk_bytes, revision: as for `convert`.
 
     Mapping problems do not raise: they are in the checks (`ok`, `exit_code`, `problems`). Unreadable
     input (no config.json, a broken index, a hub error) raises as `convert` would.
@@ -146,7 +148,7 @@ def dry_run(
             raise UsageError("no mappings given; pass at least one")
         check_unique_subdirs(requests)
     source = open_for_plan(model_dir, revision=revision, dtype=dtype)
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim)
+    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
     out = None if output_dir is None else Path(output_dir)
     jobs = []
     for r in requests:
@@ -339,15 +341,6 @@ def _existing_ancestor(path: Path) -> Path | None:
     return None
 
 
-def human_bytes(n: float) -> str:
-    """Decimal units, as disk vendors and model cards use (281 GB for Mixtral-8x22B in bf16)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
 def human_count(n: int) -> str:
     """140620000000 -> `140.62 B`; small counts stay exact."""
     for div, unit in ((1e9, "B"), (1e6, "M")):
@@ -393,7 +386,7 @@ def render_text(run: DryRun) -> str:
     lines.append("")
     if run.batch:
         total = sum(j.document["total_bytes"] for j in run.jobs)
-        lines.append(f"batch: {len(run.jobs)} mappings, {human_bytes(total)} in all, one pass over the source")
+        lines.append(f"batch: {count(len(run.jobs), 'mapping')}, {human_bytes(total)} in all, one pass over the source")
         lines.append(_disk_line(run.disk))
     m = run.memory
     lines.append(
@@ -455,7 +448,7 @@ def _job_lines(job: JobReport, batch: bool) -> list[str]:
     tensors = sum(len(r["tensors"]) for r in doc["ranks"])
     replicated = doc["data_bytes"] - doc["distinct_bytes"]
     lines.append(
-        f"total: {len(doc['ranks'])} files, {tensors} tensors, {human_bytes(doc['total_bytes'])} "
+        f"total: {count(len(doc['ranks']), 'file')}, {count(tensors, 'tensor')}, {human_bytes(doc['total_bytes'])} "
         f"({human_bytes(doc['distinct_bytes'])} distinct data + {human_bytes(replicated)} replicated or padding "
         f"+ {human_bytes(doc['total_bytes'] - doc['data_bytes'])} headers)"
     )

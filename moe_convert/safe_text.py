@@ -27,7 +27,16 @@ def one_line(text: str, limit: int = MAX_LINE_CHARS) -> str:
 
 
 class OneLineFormatter(logging.Formatter):
-    """Every log message on one line, escaped as `one_line` does (tracebacks, if any, stay as they are)."""
+    """Every log message on one line, escaped as `one_line` does (tracebacks, if any, stay as they are).
+    With a `budget`, a message longer than errors.MESSAGE_LIMIT is cut to it where it lists things (see
+    errors.shorten)."""
+
+    def __init__(self, fmt: str | None = None, budget: int | None = None) -> None:
+        super().__init__(fmt)
+        self.budget = budget
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return one_line(super().formatMessage(record))
+        from .errors import MESSAGE_LIMIT, shorten
+
+        text = super().formatMessage(record)
+        return one_line(text if self.budget is None or len(text) <= MESSAGE_LIMIT else shorten(text, self.budget))

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from moe_convert import convert, dry_run, plan
 from moe_convert.cli import convert_command, main
-from moe_convert.dryrun import BASE_MEMORY_BYTES, human_bytes, id_ranges
+from moe_convert.dryrun import BASE_MEMORY_BYTES, id_ranges
 from moe_convert.errors import MappingError
+from moe_convert.units import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_8X22B = REPO / "configs" / "mixtral-8x22b-v0.1.config.json"
