@@ -217,6 +217,7 @@ def naive_convert(
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
         "use_parallel_embedding": use_parallel_embedding,
         "embedding_sharding_dim": embedding_sharding_dim,
+        "share_embedding_table": False,  # TensorRT-LLM's --use_embedding_sharing is not offered here
         "mapping": {
             "world_size": tp * pp,
             "tp_size": tp,

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -15,7 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MappingError, OutputError, collect
+from . import progress as progress_lines
+from .errors import MappingError, OutputError, collect, shorten
 from .execute import DEFAULT_CHUNK_BYTES, RankResult, WriteJob, execute_plans
 from .hub import resolve_model_dir
 from .jobs import MappingLike, as_request, check_unique_subdirs
@@ -25,14 +25,18 @@ from .plan import ConvertOptions, Plan, SourceTensor, plan_conversion
 from .resume import JOURNAL_FILE, Journal, ResumeState, resume_state, run_identity
 from .source import SourceCheckpoint, open_source
 from .trtllm_config import trtllm_config
+from .units import count, human_bytes
 from .writer import layout_rank_file, write_json_atomic
 
 if TYPE_CHECKING:
+    from .config_only import PlanInput
+    from .mapping import Mapping
     from .verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+_CONFIG_BYTES = 4096  # room for config.json alone
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,10 @@ def plan_source(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
 ) -> Plan:
     mapping = resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size)
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim)
+    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
     headers = {n: SourceTensor(t.dtype, t.shape) for n, t in source.tensors.items()}
     plan = plan_conversion(source.spec, headers, mapping, options)
     for w in plan.warnings:
@@ -80,6 +85,7 @@ def plan(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
     revision: str | None = None,
 ) -> Plan:
     """Plan a conversion without reading any tensor data: what every rank file will hold.
@@ -88,20 +94,56 @@ def plan(
         model_dir: a checkpoint directory (its safetensors headers are read), a hub repo id (only
             config.json and the index are fetched), or a config.json file / a directory holding only
             config.json (tensor shapes implied by the config).
-        tp_size, pp_size, moe_tp_size, moe_ep_size, dtype, use_parallel_embedding, embedding_sharding_dim:
-            as for `convert`.
+        tp_size, pp_size, moe_tp_size, moe_ep_size, dtype, use_parallel_embedding, embedding_sharding_dim,
+        use_embedding_sharing: as for `convert`.
         revision: branch, tag or commit when model_dir is a hub repo id.
 
     Raises MappingError (with `.problems`, every failing check) when the mapping does not fit the model.
     """
+    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
+    return _plan_input(model_dir, revision, resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size), options)[1]
+
+
+def _plan_input(
+    model_dir: str | os.PathLike[str], revision: str | None, mapping: Mapping, options: ConvertOptions
+) -> tuple[PlanInput, Plan]:
+    """A checkpoint's headers, or a config.json alone, and the plan made from them."""
     from .config_only import open_for_plan
 
-    source = open_for_plan(model_dir, revision=revision, dtype=dtype)
-    mapping = resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size)
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim)
+    source = open_for_plan(model_dir, revision=revision, dtype=options.dtype)
     the_plan = plan_conversion(source.spec, source.headers, mapping, options)
     for w in the_plan.warnings:
         log.warning("%s", w)
+    return source, the_plan
+
+
+def save_config(
+    model_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    moe_tp_size: int | None = None,
+    moe_ep_size: int | None = None,
+    dtype: str = "auto",
+    use_parallel_embedding: bool = False,
+    embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
+    force: bool = False,
+    revision: str | None = None,
+) -> Plan:
+    """Write only the config.json a conversion would write (TensorRT-LLM's `--save_config_only`).
+
+    Plans as `plan` does (no tensor data read; a config.json alone is enough) and checks the output dir
+    as `convert` does; writes no rank file and no manifest. Arguments as for `convert`. Returns the plan.
+    """
+    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
+    mapping = resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size)
+    source, the_plan = _plan_input(model_dir, revision, mapping, options)
+    model_path = source.config_path.parent if source.source is None else source.source.model_dir
+    out = Path(output_dir)
+    prepare_output_dir(out, model_path, force=force, needed_bytes=_CONFIG_BYTES)
+    write_json_atomic(out / CONFIG_FILE, trtllm_config(the_plan))
     return the_plan
 
 
@@ -179,7 +221,7 @@ def prepare_output_dir(
         free = shutil.disk_usage(output_dir).free
         if free < needed_bytes:
             raise OutputError(
-                f"--output_dir {output_dir}: needs {_size(needed_bytes)} but only {_size(free)} is free; "
+                f"--output_dir {output_dir}: needs {human_bytes(needed_bytes)} but only {human_bytes(free)} is free; "
                 "free space or choose another directory"
             )
     except OutputError:
@@ -199,10 +241,6 @@ def _check_writable(directory: Path) -> None:
         raise OutputError(f"--output_dir {directory} is not writable: {e.strerror or e}") from e
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n} bytes"
-
-
 def convert(
     model_dir: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],
@@ -214,6 +252,7 @@ def convert(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
     workers: int | None = None,
     direct_io: bool = True,
     force: bool = False,
@@ -233,6 +272,9 @@ def convert(
         moe_tp_size, moe_ep_size: how the TP group is re-sliced for experts; None resolves as in the spec.
         dtype: auto, float16, bfloat16 or float32 (the router stays float32).
         use_parallel_embedding, embedding_sharding_dim: split the embedding over TP on dim 0 or 1.
+        use_embedding_sharing: as TensorRT-LLM's flag: leave lm_head out and set share_embedding_table in
+            config.json where the embedding is tied and lm_head would be a copy of it on every rank (else
+            a warning, and lm_head is written).
         workers: write threads; each owns some rank files and reads, hashes and writes their bytes (default:
             two per core, 8 to 16).
         direct_io: write with O_DIRECT, past the page cache, where the file system allows (False: buffered).
@@ -257,6 +299,7 @@ def convert(
         dtype=dtype,
         use_parallel_embedding=use_parallel_embedding,
         embedding_sharding_dim=embedding_sharding_dim,
+        use_embedding_sharing=use_embedding_sharing,
     )
     jobs = [(the_plan, Path(output_dir))]
     result = _convert_jobs(
@@ -287,6 +330,7 @@ def convert_batch(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
     workers: int | None = None,
     direct_io: bool = True,
     force: bool = False,
@@ -329,6 +373,7 @@ def convert_batch(
                     dtype=dtype,
                     use_parallel_embedding=use_parallel_embedding,
                     embedding_sharding_dim=embedding_sharding_dim,
+                    use_embedding_sharing=use_embedding_sharing,
                 )
             )
         except MappingError as e:
@@ -381,16 +426,22 @@ def _convert_jobs(
         journals[out].begin(st)
         if st is not None:
             if st.redo:
-                log.info("resuming %s: keeping %d complete rank files, writing %d", out, len(st.kept), len(st.redo))
+                keeping = count(len(st.kept), "complete rank file")
+                log.info("resuming %s: keeping %s, writing %d", out, keeping, len(st.redo))
             else:
-                log.info("nothing to do: %s is already complete (%d rank files)", out, len(st.kept))
+                log.info("nothing to do: %s is already complete (%s)", out, count(len(st.kept), "rank file"))
     write_jobs = [WriteJob(p, out, st.redo if st else None) for (p, out), st in zip(jobs, states, strict=True)]
-    bar = _progress_bar(sum(r.data_bytes for job in write_jobs for r in job.ranks()), progress)
-    log_done = _log_rank_done(bar)
+    total = sum(r.data_bytes for job in write_jobs for r in job.ranks())
+    bar = progress_lines.start("converting", total, enabled=progress, headline=_headline(write_jobs, total))
+    # Lines per rank file, unless a terminal's bar shows the progress (log lines would break it up).
+    per_file_lines = isinstance(bar, (progress_lines.LogProgress, progress_lines.NoProgress))
+    finished: dict[Path, float] = {}
 
     def rank_done(output_dir: Path, r: RankResult) -> None:
         journals[output_dir].record(r)
-        log_done(output_dir, r)
+        finished[output_dir] = time.perf_counter()
+        if per_file_lines:
+            log.info("wrote %s (%s, sha256 %s)", output_dir / r.file, human_bytes(r.bytes), r.sha256[:16])
 
     try:
         results = execute_plans(
@@ -399,14 +450,15 @@ def _convert_jobs(
             workers=workers,
             direct_io=direct_io,
             chunk_bytes=chunk_bytes,
-            on_bytes=bar.update if bar else lambda n: None,
+            on_bytes=bar.update,
             on_rank_done=rank_done,
         )
     finally:
-        if bar:
-            bar.close()
+        bar.close()
+    written_at = time.perf_counter()
     converted = []
     for (the_plan, out), written, st in zip(jobs, results, states, strict=True):
+        documents_started = time.perf_counter()
         by_file = {r.file: r for r in [*(st.kept if st else ()), *written]}
         ranks = [by_file[r.file] for r in the_plan.ranks]
         manifest = build_manifest(the_plan, record, ranks)
@@ -415,9 +467,18 @@ def _convert_jobs(
         write_json_atomic(out / MANIFEST_FILE, manifest)
         journals[out].finish()
         kept = tuple(r.file for r in st.kept) if st else ()
-        converted.append(ConvertResult(out, the_plan, ranks, 0.0, manifest, kept=kept))
-    seconds = time.perf_counter() - started
-    return [replace(c, seconds=seconds) for c in converted]
+        # A batch writes every mapping in one pass: each one's time is until its own last rank file was
+        # complete, plus writing its own config and manifest.
+        seconds = finished.get(out, written_at) - started + time.perf_counter() - documents_started
+        converted.append(ConvertResult(out, the_plan, ranks, seconds, manifest, kept=kept))
+    return converted
+
+
+def _headline(jobs: list[WriteJob], total: int) -> str:
+    """What a conversion is about to write, for the first progress line of a log."""
+    files = sum(len(job.ranks()) for job in jobs)
+    where = ", ".join(f"{job.output_dir} ({job.plan.mapping.describe()}, {job.plan.dtype})" for job in jobs)
+    return shorten(f"{count(files, 'rank file')}, {human_bytes(total)} into {where}")
 
 
 def _check_combined_space(dirs: list[Path], needed: list[int]) -> None:
@@ -431,22 +492,6 @@ def _check_combined_space(dirs: list[Path], needed: list[int]) -> None:
         free = shutil.disk_usage(d).free
         if free < total:
             raise OutputError(
-                f"--output_dir {d.parent}: the batch needs {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
+                f"--output_dir {d.parent}: the batch needs {human_bytes(total)} but only {human_bytes(free)} "
                 "is free; free space, convert fewer mappings at once, or choose another directory"
             )
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", file=sys.stderr)
-
-
-def _log_rank_done(bar: Any) -> Any:
-    def done(output_dir: Path, r: RankResult) -> None:
-        if bar is None:
-            log.info("wrote %s (%.2f GB, sha256 %s)", output_dir / r.file, r.bytes / 1e9, r.sha256[:16])
-
-    return done

@@ -23,6 +23,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # `owner/name`, the shape of a Hugging Face model repo id (huggingface_hub validates the details).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ def resolve_model_dir(
     """
     path = Path(model_dir_or_id)
     text = os.fspath(model_dir_or_id)
+    if is_cache_folder(path):
+        return _cache_folder_snapshot(path, revision)
     if path.exists() or not isinstance(model_dir_or_id, str) or not looks_like_repo_id(text):
         if revision is not None:
             raise UsageError(
@@ -71,6 +74,51 @@ def resolve_model_dir(
         snapshot = _download(text, commit, [CONFIG_FILE, INDEX_FILE, *_weight_patterns(snapshot)], cache)
     log.info("%s@%s: %s", text, commit[:12], snapshot)
     return ResolvedModel(snapshot, text, commit)
+
+
+def is_cache_folder(path: Path) -> bool:
+    """A repo folder of the hub cache (`models--org--name`), which holds snapshots, not a checkpoint."""
+    return path.name.startswith("models--") and (path / "snapshots").is_dir() and not (path / CONFIG_FILE).exists()
+
+
+def _cache_folder_snapshot(folder: Path, revision: str | None) -> ResolvedModel:
+    """The snapshot `refs/main` (or `refs/<revision>`, or the commit `revision`) of a hub cache repo folder."""
+    hub_id = folder.name.removeprefix("models--").replace("--", "/")
+    ref = revision or "main"
+    if _COMMIT.fullmatch(ref):
+        commit: str | None = ref
+    else:
+        commit = None if ".." in Path(ref).parts or ref.startswith("/") else _read_ref(folder / "refs" / ref)
+    snapshot = folder / "snapshots" / commit if commit else None
+    if commit and snapshot and (snapshot / CONFIG_FILE).is_file() and _inside_folder(folder, snapshot):
+        log.info("%s is the hub cache of %s: using its snapshot %s (%s)", folder, hub_id, commit[:12], ref)
+        return ResolvedModel(snapshot, hub_id, commit)
+    found = sorted(p.name for p in (folder / "snapshots").iterdir() if _COMMIT.fullmatch(p.name))
+    where = f"snapshots: {' '.join(c[:12] for c in found)}" if found else "no snapshots"
+    raise ConfigError(
+        f"--model_dir {folder} is a Hugging Face cache folder whose refs/{ref} names no usable snapshot ({where}); "
+        f"pass the hub id {hub_id} (with HF_HUB_CACHE set to the folder above it) or one snapshot dir in it, "
+        "snapshots/<commit>"
+    )
+
+
+def _read_ref(path: Path) -> str | None:
+    """A ref file holds one commit hash; anything else (a link out of the cache, garbage) is no ref."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        with open(path, encoding="ascii") as f:
+            text = f.read(100).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _COMMIT.fullmatch(text) else None
+
+
+def _inside_folder(folder: Path, snapshot: Path) -> bool:
+    try:
+        return snapshot.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
 
 
 def _weight_patterns(snapshot: Path) -> list[str]:

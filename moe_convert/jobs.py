@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,6 +29,7 @@ _JOB_KEYS: dict[str, type | tuple[type, ...]] = {
     "workers": int,
     "no_direct_io": bool,
     "force": bool,
+    "use_embedding_sharing": bool,
     "mappings": list,
 }
 
@@ -83,43 +84,58 @@ MappingLike = MappingRequest | Mapping | dict[str, Any] | str
 
 def parse_mapping(text: str) -> MappingRequest:
     """`tp=8,moe_tp=2,moe_ep=4` (also `tp_size=8`, and `subdir=NAME`) -> a request."""
+    request, problems = _parse_mapping(text)
+    collect(problems, UsageError, f"--mapping {text!r} is invalid")
+    assert request is not None
+    return request
+
+
+def _parse_mapping(text: str, where: str = "") -> tuple[MappingRequest | None, list[str]]:
+    where = where or f"--mapping {text!r}"
     fields: dict[str, Any] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         key, sep, value = part.partition("=")
         if not sep:
-            raise UsageError(f"--mapping {text!r}: {part!r} is not KEY=VALUE (e.g. tp=8,moe_ep=8)")
+            return None, [f"{where}: {part!r} is not KEY=VALUE (e.g. tp=8,moe_ep=8)"]
         fields[key.strip()] = value.strip()
-    return mapping_from_dict(fields, f"--mapping {text!r}")
+    return _mapping_from_dict(fields, where)
 
 
 def mapping_from_dict(raw: dict[str, Any], where: str = "mapping") -> MappingRequest:
     """A dict with keys tp/pp/moe_tp/moe_ep (or tp_size/...), and optional subdir (or output_dir)."""
+    request, problems = _mapping_from_dict(raw, where)
+    collect(problems, UsageError, f"{where} is invalid")
+    assert request is not None
+    return request
+
+
+def _mapping_from_dict(raw: dict[str, Any], where: str) -> tuple[MappingRequest | None, list[str]]:
     sizes: dict[str, int] = {}
     subdir: str | None = None
     problems = []
     for key, value in raw.items():
         if key in ("subdir", "output_dir"):
-            subdir = _check_subdir(str(value), where)
+            subdir, problem = _check_subdir(str(value), where)
+            problems += [problem] if problem else []
             continue
         name = _KEYS.get(key, key)
         if name not in _KEYS.values():
-            problems.append(f"unknown key {key!r} (use {', '.join(_KEYS)}, subdir)")
+            problems.append(f"{where}: unknown key {key!r} (use {', '.join(_KEYS)}, subdir)")
             continue
         if name in sizes:
-            problems.append(f"{key} given twice")
+            problems.append(f"{where}: {key} given twice")
             continue
         try:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             sizes[name] = int(value)
         except (TypeError, ValueError):
-            problems.append(f"{key}={value!r} is not a whole number")
+            problems.append(f"{where}: {key}={value!r} is not a whole number")
     if "tp_size" not in sizes and not problems:
-        problems.append("tp is required (e.g. tp=8,moe_ep=8)")
-    collect([f"{where}: {p}" for p in problems], UsageError, f"{where} is invalid")
-    return MappingRequest(subdir=subdir, **sizes)
+        problems.append(f"{where}: tp is required (e.g. tp=8,moe_ep=8)")
+    return (None if problems else MappingRequest(subdir=subdir, **sizes)), problems
 
 
 def as_request(m: MappingLike) -> MappingRequest:
@@ -134,13 +150,11 @@ def as_request(m: MappingLike) -> MappingRequest:
     raise UsageError(f"a mapping must be a dict, a 'tp=8,moe_ep=8' string or a Mapping, got {type(m).__name__}")
 
 
-def _check_subdir(value: str, where: str) -> str:
+def _check_subdir(value: str, where: str) -> tuple[str, str | None]:
     parts = PurePosixPath(value).parts
     if not value or value.startswith(("/", "~")) or ".." in parts or value in (".", "./") or "\\" in value:
-        raise UsageError(
-            f"{where}: subdir {value!r} must be a relative path inside the batch output dir (no '..', not '.')"
-        )
-    return value
+        return value, f"{where}: subdir {value!r} must be a relative path inside the batch output dir (no '..', no '.')"
+    return value, None
 
 
 def check_unique_subdirs(requests: Sequence[MappingRequest]) -> None:
@@ -164,15 +178,33 @@ class JobFile:
     options: dict[str, Any] = field(default_factory=dict)  # revision, dtype, workers, ... as given
 
 
-def read_job_file(path: str | Path) -> JobFile:
-    """Read a YAML (.yaml/.yml) or JSON job file; relative paths in it are relative to the current dir."""
+# Validates one option of a job file as the command line would: the problem, or None.
+OptionCheck = Callable[[str, Any], "str | None"]
+
+
+def read_job_file(path: str | Path, check_option: OptionCheck | None = None) -> JobFile:
+    """Read a YAML (.yaml/.yml) or JSON job file; relative paths in it are relative to the current dir.
+
+    Raises ConfigError listing every problem found. `check_option(name, value)` validates an option's value
+    as the command line would (the CLI passes its own option types); it returns the problem or None.
+    """
+    job, problems = load_job_file(path, check_option)
+    collect(problems, ConfigError, f"--job_file {path} is invalid")
+    assert job is not None
+    return job
+
+
+def load_job_file(path: str | Path, check_option: OptionCheck | None = None) -> tuple[JobFile | None, list[str]]:
+    """The job file and every problem in it, each starting `--job_file PATH: `. The JobFile holds what is
+    usable (valid options and mappings), or is None if the file has no model_dir, output_dir or mappings."""
     path = Path(path)
+    where = f"--job_file {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"--job_file {path}: cannot read: {e.strerror or e}") from e
+        return None, [f"{where}: cannot read: {e.strerror or e}"]
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--job_file {path}: not UTF-8 text ({e})") from e
+        return None, [f"{where}: not UTF-8 text ({e})"]
     raw: object
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -180,38 +212,44 @@ def read_job_file(path: str | Path) -> JobFile:
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--job_file {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+            return None, [f"{where}: not valid YAML ({str(e).splitlines()[0]})"]
     else:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--job_file {path}: not valid JSON ({e}); YAML files must end in .yaml") from e
+            return None, [f"{where}: not valid JSON ({e}); YAML files must end in .yaml"]
     if not isinstance(raw, dict):
-        raise ConfigError(f"--job_file {path}: expected a mapping of keys at the top, found {type(raw).__name__}")
+        return None, [f"{where}: expected a mapping of keys at the top, found {type(raw).__name__}"]
     problems = [f"unknown key {k!r} (known: {', '.join(_JOB_KEYS)})" for k in raw if k not in _JOB_KEYS]
     problems += [f"{k} is required" for k in ("model_dir", "output_dir", "mappings") if k not in raw]
-    problems += [
-        f"{k} must be {_type_names(_JOB_KEYS[k])}, found {v!r}"
-        for k, v in raw.items()
-        if k in _JOB_KEYS and k in raw and not _has_type(v, _JOB_KEYS[k])
-    ]
+    options: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in _JOB_KEYS:
+            continue
+        if not _has_type(v, _JOB_KEYS[k]):
+            problems.append(f"{k} must be {_type_names(_JOB_KEYS[k])}, found {v!r}")
+        elif check_option is not None and (problem := check_option(k, v)):
+            problems.append(f"{k}: {problem}")
+        elif k not in ("model_dir", "output_dir", "mappings"):
+            options[k] = v
     mappings = raw.get("mappings")
     if isinstance(mappings, list) and not mappings:
         problems.append("mappings is empty; list at least one (e.g. - {tp: 8, moe_ep: 8})")
-    if not isinstance(mappings, list):
-        mappings = []
-    collect([f"--job_file {path}: {p}" for p in problems], ConfigError, f"--job_file {path} is invalid")
     requests = []
-    for i, m in enumerate(mappings):
-        where = f"--job_file {path}: mappings[{i}]"
+    for i, m in enumerate(mappings if isinstance(mappings, list) else []):
         if isinstance(m, str):
-            requests.append(parse_mapping(m))
+            request, found = _parse_mapping(m, f"mappings[{i}] {m!r}")
         elif isinstance(m, dict):
-            requests.append(mapping_from_dict(m, where))
+            request, found = _mapping_from_dict(m, f"mappings[{i}]")
         else:
-            raise ConfigError(f"{where}: expected a mapping like {{tp: 8, moe_ep: 8}}, found {m!r}")
-    options = {k: v for k, v in raw.items() if k not in ("model_dir", "output_dir", "mappings")}
-    return JobFile(str(raw["model_dir"]), str(raw["output_dir"]), tuple(requests), options)
+            request, found = None, [f"mappings[{i}]: expected a mapping like {{tp: 8, moe_ep: 8}}, found {m!r}"]
+        problems += found
+        requests += [request] if request else []
+    problems = [f"{where}: {p}" for p in problems]
+    model_dir, output_dir = raw.get("model_dir"), raw.get("output_dir")
+    if not (isinstance(model_dir, str) and isinstance(output_dir, str) and requests):
+        return None, problems
+    return JobFile(model_dir, output_dir, tuple(requests), options), problems
 
 
 def _has_type(value: object, kind: type | tuple[type, ...]) -> bool:

@@ -47,6 +47,10 @@ class Mapping:
             "moe_ep_size": self.moe_ep_size,
         }
 
+    def describe(self) -> str:
+        """For people: `tp4 pp1 moe_tp2 moe_ep2`."""
+        return f"tp{self.tp_size} pp{self.pp_size} moe_tp{self.moe_tp_size} moe_ep{self.moe_ep_size}"
+
     def label(self) -> str:
         """Short name for logs and batch subdirectories, e.g. `tp4_pp1_moetp2_moeep2`."""
         return f"tp{self.tp_size}_pp{self.pp_size}_moetp{self.moe_tp_size}_moeep{self.moe_ep_size}"
@@ -61,12 +65,20 @@ class RankCoords:
     moe_ep_rank: int
 
 
-def _check_size(name: str, value: object) -> str | None:
+# TensorRT-LLM's convert_checkpoint.py spells "not set" for the MoE sizes as -1 (its default).
+NOT_SET = -1
+
+
+def _check_size(name: str, value: object, *, may_be_unset: bool = False) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return f"--{name} must be a whole number, got {value!r}"
     if value < 1:
-        return f"--{name} must be >= 1, got {value}"
+        return f"--{name} must be >= 1{' (or -1: not set)' if may_be_unset else ''}, got {value}"
     return None
+
+
+def _unset(size: int | None) -> int | None:
+    return None if type(size) is int and size == NOT_SET else size
 
 
 def resolve_mapping(
@@ -78,15 +90,16 @@ def resolve_mapping(
     """Apply the spec's resolution of the two MoE flags and check the sizes themselves.
 
     Neither given: moe_tp = tp, moe_ep = 1. Only one given: the other is tp divided by it.
-    Then moe_tp * moe_ep must equal tp.
+    Then moe_tp * moe_ep must equal tp. A MoE size of -1 means not given, as in TensorRT-LLM.
     """
+    moe_tp_size, moe_ep_size = _unset(moe_tp_size), _unset(moe_ep_size)
     problems = [
         p
         for p in (
             _check_size("tp_size", tp_size),
             _check_size("pp_size", pp_size),
-            None if moe_tp_size is None else _check_size("moe_tp_size", moe_tp_size),
-            None if moe_ep_size is None else _check_size("moe_ep_size", moe_ep_size),
+            None if moe_tp_size is None else _check_size("moe_tp_size", moe_tp_size, may_be_unset=True),
+            None if moe_ep_size is None else _check_size("moe_ep_size", moe_ep_size, may_be_unset=True),
         )
         if p
     ]

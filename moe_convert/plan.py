@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import CheckpointError, MappingError, UsageError, collect
@@ -84,13 +84,21 @@ class ConvertOptions:
     dtype: str = "auto"
     use_parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    use_embedding_sharing: bool = False  # leave out lm_head where it would be the embedding (see _share_embedding)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "dtype": self.dtype,
             "use_parallel_embedding": self.use_parallel_embedding,
             "embedding_sharding_dim": self.embedding_sharding_dim,
+            "use_embedding_sharing": self.use_embedding_sharing,
         }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ConvertOptions:
+        """The options a manifest or journal recorded (a key it lacks takes its default)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class Plan:
     ranks: tuple[RankPlan, ...]
     sources: dict[str, SourceTensor] = field(repr=False)
     warnings: tuple[str, ...] = ()
+    share_embedding_table: bool = False  # lm_head left out: it is the vocab embedding (config.json says so)
 
     @property
     def total_data_bytes(self) -> int:
@@ -467,7 +476,56 @@ def plan_conversion(
                 tensors=_file_order(tensors),
             )
         )
-    return Plan(spec, mapping, options, dtype, layout, tuple(ranks), sources, warnings)
+    shared = False
+    if options.use_embedding_sharing:
+        ranks, why_not = _share_embedding(spec, ranks)
+        shared = why_not is None
+        if why_not:
+            warnings = (*warnings, f"--use_embedding_sharing does not apply: {why_not}; lm_head is written")
+    return Plan(spec, mapping, options, dtype, layout, tuple(ranks), sources, warnings, shared)
+
+
+def _share_embedding(spec: ModelSpec, ranks: list[RankPlan]) -> tuple[list[RankPlan], str | None]:
+    """Leave out the tied head (a rule whose source is `tied_to` the embedding's) if it is, on every rank
+    that holds it, the very tensor the rank already holds as its embedding: same dtype, shape and pieces.
+
+    That is TensorRT-LLM's condition for `share_embedding_table`, read off the plan rather than restated:
+    the checkpoint has no lm_head of its own (tied), and the head and the embedding are split alike and lie
+    on the same ranks (tp 1, or --use_parallel_embedding with --embedding_sharding_dim 0; pp 1).
+    Returns the ranks, and why sharing does not apply (None when it does).
+    """
+    sources = {**spec.rules["sources"]}
+    for layout in spec.rules["expert_layouts"].values():
+        sources.update(layout)
+    rules = spec.rules["weights"]
+    pairs = [
+        (head["target"], embed["target"])
+        for head in rules
+        if len(head["sources"]) == 1 and (tied := sources[head["sources"][0]].get("tied_to"))
+        for embed in rules
+        if embed["sources"] == [tied]
+    ]
+    if not pairs:
+        return ranks, "this architecture has no tied embedding"
+    head, embed = pairs[0]
+    out = []
+    for r in ranks:
+        by_name = {t.name: t for t in r.tensors}
+        if head not in by_name:
+            out.append(r)
+            continue
+        h, e = by_name[head], by_name.get(embed)
+        if e is None:
+            return ranks, f"{head} and {embed} are on different pipeline stages (TensorRT-LLM shares at pp_size 1)"
+        if {p.source for p in h.pieces} != {p.source for p in e.pieces}:
+            return ranks, f"the checkpoint has its own {', '.join(sorted({p.source for p in h.pieces}))} (not tied)"
+        if (h.dtype, h.shape, h.pieces) != (e.dtype, e.shape, e.pieces):
+            return ranks, (
+                f"{embed} is split differently from {head} (with tp_size > 1 TensorRT-LLM shares only with "
+                "--use_parallel_embedding --embedding_sharding_dim 0)"
+            )
+        out.append(replace(r, tensors=tuple(t for t in r.tensors if t.name != head)))
+    return out, None
 
 
 def _split_problems(spec: ModelSpec, mapping: Mapping) -> list[str]:

@@ -44,6 +44,7 @@ def trtllm_config(plan: Plan, settings: ModelSettings) -> dict[str, Any]:
         "use_parallel_embedding": plan.options.use_parallel_embedding,
         "embedding_sharding_dim": plan.options.embedding_sharding_dim,
         **render(rules["extra"]),
+        "share_embedding_table": plan.share_embedding_table,
         "mapping": {**plan.mapping.as_dict(), "cp_size": 1, "gpus_per_node": 8},
         "moe": {"num_experts": spec.num_experts, "top_k": spec.top_k, **render(rules["moe"])},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import progress as progress_lines
 from .errors import MoeConvertError, VerifyError, collect
 from .execute import DEFAULT_CHUNK_BYTES
 from .header import DTYPES, TensorInfo, itemsize, read_header
@@ -41,6 +42,7 @@ from .mapping import Mapping
 from .plan import Box, Piece
 from .reading import SourceReader, chunk_boxes, intersect
 from .source import SourceCheckpoint
+from .units import count, human_bytes
 from .writer import PARTIAL_SUFFIX
 
 CONFIG_FILE = "config.json"
@@ -68,12 +70,11 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        size = f"{self.rank_files} rank files, {self.bytes_read / 1e9:.2f} GB"
+        size = f"{count(self.rank_files, 'rank file')}, {human_bytes(self.bytes_read)}"
         if not self.ok:
-            n = len(self.problems)
-            return f"{self.output_dir}: {n} problem{'s' if n != 1 else ''} found ({size}, {self.seconds:.1f} s)"
+            return f"{self.output_dir}: {count(len(self.problems), 'problem')} found ({size}, {self.seconds:.1f} s)"
         what = (
-            f"every byte matches the source ({self.source_bytes_read / 1e9:.2f} GB read) and the manifest"
+            f"every byte matches the source ({human_bytes(self.source_bytes_read)} read) and the manifest"
             if self.with_source
             else "headers, sizes and sha256 match the manifest"
         )
@@ -300,8 +301,14 @@ class _Verifier:
             self.check_against_plan(manifest, config, source)
         work = self.source_work(ranks, source) if source is not None else {}
         if progress:
-            self.bar = _progress_bar(
-                sum(r.bytes for r in ranks) + sum(source.tensors[n].nbytes for n in work) if source else 0
+            rank_bytes = sum(r.bytes for r in ranks)
+            source_bytes = sum(source.tensors[n].nbytes for n in work) if source else 0
+            self.bar = progress_lines.start(
+                "verifying",
+                rank_bytes + source_bytes,
+                enabled=True,
+                headline=f"{count(len(ranks), 'rank file')}, {human_bytes(rank_bytes)} in {self.out}"
+                + (f", against {human_bytes(source_bytes)} of the source" if source else ""),
             )
         replicated = _replicated_groups(ranks)
         expected: dict[PieceKey, str] = {}
@@ -515,6 +522,7 @@ class _Verifier:
                 dtype=options.get("dtype", "auto"),
                 use_parallel_embedding=bool(options.get("use_parallel_embedding", False)),
                 embedding_sharding_dim=options.get("embedding_sharding_dim", 0),
+                use_embedding_sharing=bool(options.get("use_embedding_sharing", False)),
             )
         except MoeConvertError as e:
             self.problem(f"cannot re-plan from the source with the manifest's mapping and options: {e}")
@@ -800,13 +808,3 @@ def _diff(got: object, want: object, path: str) -> Iterator[tuple[str, object, o
             yield from _diff(a, b, f"{path}[{i}]")
     elif type(got) is not type(want) or got != want:
         yield path, got, want
-
-
-def _progress_bar(total: int) -> Any:
-    import sys
-
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying", file=sys.stderr)
