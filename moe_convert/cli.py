@@ -1,28 +1,37 @@
-"""Command line: parse options, call the library, turn domain errors into one line and an exit code."""
+"""Command line: parse options, call the library, turn domain errors into one line and an exit code.
+
+Importing this module imports click and nothing heavy: torch and transformers are imported inside the
+commands that need them, so `--help`, `--version` and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
-import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__
-from .errors import MoeConvertError, UsageError
+from . import __version__, trtllm_flags
+from .errors import MESSAGE_BUDGET, MESSAGE_LIMIT, MoeConvertError, shorten
 from .example import DEFAULT_FAMILY, family_names
 from .safe_text import OneLineFormatter, one_line
+from .units import count
+
+if TYPE_CHECKING:
+    from .verify import VerifyReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 MAPPING_HELP = (
-    "MoE sizes resolve as in TensorRT-LLM: neither given -> moe_tp_size = tp_size, moe_ep_size = 1; "
+    "MoE sizes resolve as in TensorRT-LLM: neither given (or -1) -> moe_tp_size = tp_size, moe_ep_size = 1; "
     "only one given -> the other is tp_size divided by it. moe_tp_size * moe_ep_size must equal tp_size."
 )
 
@@ -31,41 +40,91 @@ EXIT_CODES_HELP = (
     "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
 
+TRTLLM_HELP = (
+    "Every other flag of TensorRT-LLM's convert_checkpoint.py is accepted, checked against config.json, or "
+    "refused in one line: docs/trtllm-flags.md."
+)
+
+# TensorRT-LLM's --log_level values onto ours. Its verbose/debug/trace are all our debug level (--debug
+# additionally lets tracebacks through).
+LOG_LEVELS = {
+    "internal_error": logging.ERROR,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "verbose": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "trace": logging.DEBUG,
+}
+DEFAULT_OUTPUT_DIR = "tllm_checkpoint"  # TensorRT-LLM's default
+MAX_PROBLEM_LINES = 20  # problems printed by verify; --json lists all
+_MORE_HINT = " (--json lists all)"
+
 log = logging.getLogger("moe_convert")
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+def _setup_logging(quiet: bool, debug: bool, log_level: str | None = None) -> bool:
+    """Log one line per message on stderr; returns whether progress is shown (info level or below)."""
+    level = logging.DEBUG if debug else logging.WARNING if quiet else LOG_LEVELS[log_level or "info"]
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(message)s"))
+    handler.setFormatter(OneLineFormatter("%(message)s", budget=None if debug else MESSAGE_BUDGET))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    return level <= logging.INFO
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _emit_error(message: str, exit_code: int, problems: Sequence[str] = ()) -> None:
+    from .summary import error_summary
+
+    _emit(error_summary(message, exit_code, list(problems)))
+
+
+def error_line(e: MoeConvertError) -> str:
+    """`error: ...` within the message budget; a cut message says where the whole list is."""
+    text = e.brief(MESSAGE_BUDGET - len("error: ") - len(_MORE_HINT), MESSAGE_LIMIT - len("error: "))
+    return f"error: {one_line(text)}{_MORE_HINT if text != str(e) else ''}"
 
 
 def _handle_errors(fn: F) -> F:
-    """One line on stderr and the error's exit code; the traceback only with --debug."""
+    """One line on stderr and the error's exit code; the traceback only with --debug. With --json, also
+    one document on stdout, whatever the failure."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = bool(kwargs.get("debug"))
+        debug, json_out = bool(kwargs.get("debug")), bool(kwargs.get("json_out"))
         try:
             with _sigterm_as_interrupt():
                 return fn(*args, **kwargs)
         except MoeConvertError as e:
+            if json_out:
+                _emit_error(str(e), e.exit_code, e.problems)
             if debug:
                 raise
-            click.echo(f"error: {one_line(str(e))}", err=True)
+            click.echo(error_line(e), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
+            code = 128 + getattr(e, "signum", signal.SIGINT)
+            message = (
+                "interrupted: temporary files removed, no output file was left incomplete "
+                "(a conversion continues with --resume)"
+            )
+            if json_out:
+                _emit_error(message, code)
             if debug:
                 raise
-            click.echo(
-                "interrupted: temporary files removed, no output file was left incomplete "
-                "(a conversion continues with --resume)",
-                err=True,
-            )
-            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+            click.echo(message, err=True)
+            sys.exit(code)
+        except (SystemExit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as e:  # a bug: the interpreter prints the traceback, --json still gets its document
+            if json_out:
+                _emit_error(f"internal error: {type(e).__name__}: {e}", 1)
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -93,6 +152,47 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _wants_json(args: Sequence[str]) -> bool:
+    args = list(args)
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+class _JsonUsageErrors:
+    """click's own usage errors (`--bogus`, `--dtype bf16`) answer `--json` with one document too; click
+    still prints its usual message on stderr."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        json_out = _wants_json(args)  # before parsing, which consumes `args`
+        try:
+            context: click.Context = super().make_context(info_name, args, parent, **extra)  # type: ignore[misc]
+            return context
+        except click.ClickException as e:
+            if json_out:
+                _emit_error(e.format_message(), e.exit_code, [e.format_message()])
+            raise
+
+
+class Command(_JsonUsageErrors, click.Command):
+    pass
+
+
+class Group(_JsonUsageErrors, click.Group):
+    command_class = Command
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        json_out = _wants_json(args)
+        try:
+            return super().resolve_command(ctx, args)
+        except click.ClickException as e:
+            if json_out:
+                _emit_error(e.format_message(), e.exit_code, [e.format_message()])
+            raise
+
+
 def _opt(*names: str, **kwargs: Any) -> Callable[[F], F]:
     """An option spelled the TensorRT-LLM way (`--tp_size`) that also accepts `--tp-size`."""
     spellings = list(names)
@@ -102,25 +202,33 @@ def _opt(*names: str, **kwargs: Any) -> Callable[[F], F]:
     return click.option(*spellings, **kwargs)
 
 
-def common_options(fn: F) -> F:
-    for decorator in reversed(
-        [
-            _opt("--quiet", is_flag=True, help="Only warnings and errors on stderr; no progress bar."),
-            _opt("--debug", is_flag=True, help="Debug logging and full tracebacks on errors."),
-        ]
-    ):
+def _apply(fn: F, decorators: list[Callable[[F], F]]) -> F:
+    for decorator in reversed(decorators):
         fn = decorator(fn)
     return fn
 
 
+def common_options(fn: F) -> F:
+    return _apply(
+        fn,
+        [
+            _opt("--quiet", is_flag=True, help="Only warnings and errors on stderr; no progress."),
+            _opt("--debug", is_flag=True, help="Debug logging and full tracebacks on errors."),
+            click.version_option(__version__, "--version", prog_name="moe-convert"),
+        ],
+    )
+
+
 def mapping_options(fn: F) -> F:
-    for decorator in reversed(
+    return _apply(
+        fn,
         [
             _opt(
                 "--model_dir",
                 default=None,
-                help="Hugging Face checkpoint directory (config.json + safetensors), or a hub repo id "
-                "(owner/name) resolved through the hub cache (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN apply).",
+                help="Hugging Face checkpoint directory (config.json + safetensors), a hub cache folder "
+                "(models--org--name), or a hub repo id (owner/name) resolved through the hub cache "
+                "(HF_HOME, HF_HUB_OFFLINE, HF_TOKEN apply).",
             ),
             _opt("--revision", default=None, help="Branch, tag or commit of a hub repo id (default: main)."),
             _opt("--tp_size", type=int, default=1, show_default=True, help="Tensor-parallel size."),
@@ -129,9 +237,9 @@ def mapping_options(fn: F) -> F:
                 "--moe_tp_size",
                 type=int,
                 default=None,
-                help="Tensor-parallel size of the experts. " + MAPPING_HELP,
+                help="Tensor-parallel size of the experts (-1: not set). " + MAPPING_HELP,
             ),
-            _opt("--moe_ep_size", type=int, default=None, help="Expert-parallel size. " + MAPPING_HELP),
+            _opt("--moe_ep_size", type=int, default=None, help="Expert-parallel size (-1: not set). " + MAPPING_HELP),
             _opt(
                 "--dtype",
                 type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
@@ -147,21 +255,21 @@ def mapping_options(fn: F) -> F:
                 show_default=True,
                 help="With --use_parallel_embedding: 0 splits the vocab (zero-padded), 1 the hidden dim.",
             ),
-        ]
-    ):
-        fn = decorator(fn)
-    return fn
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="moe-convert")
-def main() -> None:
-    """Convert Hugging Face MoE checkpoints into per-rank TP/EP/PP shards (TensorRT-LLM layout)."""
+            _opt(
+                "--use_embedding_sharing",
+                is_flag=True,
+                help="As TensorRT-LLM: where the embedding is tied and lm_head would be a copy of it on every "
+                "rank (tp 1, or --use_parallel_embedding with dim 0; pp 1), leave lm_head out and set "
+                "share_embedding_table in config.json; otherwise a one-line warning.",
+            ),
+        ],
+    )
 
 
 def batch_options(fn: F) -> F:
     """--mapping, --job_file, --dry_run, --json: shared by `convert` and `plan`."""
-    for decorator in reversed(
+    return _apply(
+        fn,
         [
             _opt(
                 "--mapping",
@@ -181,18 +289,34 @@ def batch_options(fn: F) -> F:
                 is_flag=True,
                 help="Plan and check only: print the per-rank table; read no tensor data, write nothing.",
             ),
-            _opt("--json", "json_out", is_flag=True, help="Print one JSON document on stdout (logs stay on stderr)."),
-        ]
-    ):
-        fn = decorator(fn)
-    return fn
+            _opt(
+                "--json",
+                "json_out",
+                is_flag=True,
+                help="Print one JSON document on stdout, also on failure (logs stay on stderr).",
+            ),
+        ],
+    )
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="moe-convert")
+def main() -> None:
+    """Convert Hugging Face MoE checkpoints into per-rank TP/EP/PP shards (TensorRT-LLM layout)."""
 
 
 @main.command(
-    "convert", epilog=MAPPING_HELP + " " + EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]}
+    "convert",
+    epilog=f"{MAPPING_HELP} {TRTLLM_HELP} {EXIT_CODES_HELP}",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @mapping_options
-@_opt("--output_dir", default=None, help="Directory for rank{N}.safetensors, config.json and manifest.json.")
+@_opt(
+    "--output_dir",
+    default=DEFAULT_OUTPUT_DIR,
+    show_default=True,
+    help="Directory for rank{N}.safetensors, config.json and manifest.json.",
+)
 @_opt(
     "--workers",
     type=click.IntRange(min=1),
@@ -219,82 +343,35 @@ def batch_options(fn: F) -> F:
     is_flag=True,
     help="After converting, check every output byte against the source (as `moe-convert verify --model_dir`).",
 )
+@_opt(
+    "--save_config_only",
+    is_flag=True,
+    help="Write config.json only (no rank files, no manifest), as TensorRT-LLM does; no tensor data is read.",
+)
+@_opt(
+    "--log_level",
+    type=click.Choice(list(LOG_LEVELS), case_sensitive=False),
+    default=None,
+    help="TensorRT-LLM's levels: internal_error/error = errors only, warning = --quiet, info (default), "
+    "verbose/debug/trace = debug logging. --quiet and --debug win.",
+)
 @_opt("--chunk_bytes", type=click.IntRange(min=1), default=None, hidden=True)
 @batch_options
+@trtllm_flags.options
 @common_options
-@click.version_option(__version__, "--version", prog_name="moe-convert")
 @_handle_errors
-def convert_command(
-    model_dir: str | None,
-    output_dir: str | None,
-    tp_size: int,
-    pp_size: int,
-    moe_tp_size: int | None,
-    moe_ep_size: int | None,
-    dtype: str,
-    use_parallel_embedding: bool,
-    embedding_sharding_dim: int,
-    workers: int | None,
-    no_direct_io: bool,
-    force: bool,
-    resume: bool,
-    verify: bool,
-    chunk_bytes: int | None,
-    revision: str | None,
-    mappings: tuple[str, ...],
-    job_file: str | None,
-    dry_run: bool,
-    json_out: bool,
-    quiet: bool,
-    debug: bool,
-) -> None:
+def convert_command(quiet: bool, debug: bool, log_level: str | None, **params: Any) -> None:
     """Convert a checkpoint in one streaming pass, in bounded memory."""
-    from .convert import convert
-    from .execute import DEFAULT_CHUNK_BYTES
+    ctx = click.get_current_context()
+    progress = _setup_logging(quiet, debug, log_level)
+    flags = trtllm_flags.given(params)
+    trtllm_flags.refuse(flags)  # before anything is read or written
+    for note in trtllm_flags.notes(flags):
+        log.debug("%s", note)
+    from .cli_batch import run
 
-    _setup_logging(quiet, debug)
-    if dry_run or mappings or job_file or json_out:
-        from .cli_batch import run
-
-        run(click.get_current_context(), "plan" if dry_run else "convert", json_out=json_out, quiet=quiet)
-        return
-    if model_dir is None or output_dir is None:
-        raise UsageError("--model_dir and --output_dir are required (or --job_file)")
-    result = convert(
-        model_dir,
-        output_dir,
-        tp_size=tp_size,
-        pp_size=pp_size,
-        moe_tp_size=moe_tp_size,
-        moe_ep_size=moe_ep_size,
-        dtype=dtype,
-        use_parallel_embedding=use_parallel_embedding,
-        embedding_sharding_dim=embedding_sharding_dim,
-        workers=workers,
-        direct_io=not no_direct_io,
-        force=force,
-        progress=not quiet,
-        revision=revision,
-        resume=resume,
-        chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
-    )
-    m = result.plan.mapping
-    if len(result.kept) < len(result.ranks):  # else --resume found it complete and said so
-        log.info(
-            "converted %s -> %s: %d rank files, %.2f GB, %s, tp%d pp%d moe_tp%d moe_ep%d, %.1f s",
-            model_dir,
-            output_dir,
-            len(result.ranks),
-            result.bytes_written / 1e9,
-            result.plan.dtype,
-            m.tp_size,
-            m.pp_size,
-            m.moe_tp_size,
-            m.moe_ep_size,
-            result.seconds,
-        )
-    if verify:
-        _report_verify(result.output_dir, result.manifest["source"]["path"], quiet)
+    mode = "plan" if params["dry_run"] else "config" if params["save_config_only"] else "convert"
+    run(ctx, mode, json_out=params["json_out"], progress=progress, config_flags=trtllm_flags.checked(flags))
 
 
 @main.command("verify", epilog=EXIT_CODES_HELP)
@@ -313,41 +390,55 @@ def verify_command(output_dir: str, model_dir: str | None, json_out: bool, quiet
     Without --model_dir: rank file headers, sizes and sha256 against the manifest, zero padding, replicated
     tensors identical across ranks, every expert x FFN slice held once per TP group, config.json against
     the manifest, no stray files. With it, also every tensor byte against the source and the manifest
-    against a fresh plan. Every problem is printed on stderr, one per line; exit 1 if there is any.
+    against a fresh plan. Problems are printed on stderr, at most 20 lines grouped by kind (--json lists
+    every one); exit 1 if there is any.
     """
-    _setup_logging(quiet, debug)
-    _report_verify(output_dir, model_dir, quiet, json_out=json_out)
-
-
-def _report_verify(
-    output_dir: str | os.PathLike[str], model_dir: str | None, quiet: bool, *, json_out: bool = False
-) -> None:
-    import json
-
-    from .summary import error_summary, verify_summary
     from .verify import verify
 
-    try:
-        report = verify(output_dir, model_dir, progress=not quiet)
-    except MoeConvertError as e:
-        if json_out:
-            click.echo(json.dumps(error_summary(str(e), e.exit_code, e.problems), indent=2))
-        raise
+    progress = _setup_logging(quiet, debug)
+    report = verify(output_dir, model_dir, progress=progress)
     if json_out:
-        click.echo(json.dumps(verify_summary(report), indent=2))
+        from .summary import verify_summary
+
+        _emit(verify_summary(report))
+    else:
+        print_verify_report(report, quiet)
+    if not report.ok:
+        sys.exit(1)
+
+
+def print_verify_report(report: VerifyReport, quiet: bool) -> None:
+    """The summary on stdout when all is well; else at most MAX_PROBLEM_LINES problems and the summary."""
     if report.ok:
-        if json_out:
-            return
         if not quiet:
             click.echo(report.summary())
         return
-    for problem in report.problems:
-        click.echo(f"problem: {one_line(problem)}", err=True)
-    click.echo(f"error: {report.summary()}", err=True)
-    sys.exit(1)
+    for line in problem_lines(report.problems):
+        click.echo(line, err=True)
+    click.echo(f"error: {one_line(report.summary())}", err=True)
 
 
-@main.command("plan", epilog=MAPPING_HELP + " " + EXIT_CODES_HELP)
+def problem_lines(problems: Sequence[str], limit: int = MAX_PROBLEM_LINES) -> list[str]:
+    """Problems grouped by kind (the same text but for numbers), one example line per kind, at most `limit`
+    lines; then how many more there are."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        groups.setdefault(re.sub(r"\d+", "N", p), []).append(p)
+    kinds = list(groups.values())
+    shown = kinds if len(kinds) <= limit else kinds[: limit - 1]
+    lines = []
+    for members in shown:
+        like = f" (and {len(members) - 1} more like it)" if len(members) > 1 else ""
+        budget = MESSAGE_BUDGET - len("problem: ") - len(like)
+        lines.append(f"problem: {one_line(shorten(members[0], budget))}{like}")
+    hidden = kinds[len(shown) :]
+    if hidden:
+        n = sum(len(m) for m in hidden)
+        lines.append(f"... and {count(n, 'more problem')} of {count(len(hidden), 'other kind')}{_MORE_HINT}")
+    return lines
+
+
+@main.command("plan", epilog=f"{MAPPING_HELP} {EXIT_CODES_HELP}")
 @mapping_options
 @_opt("--output_dir", default=None, help="Where the conversion would write: checks it and its free space.")
 @_opt("--workers", type=click.IntRange(min=1), default=None, help="For the memory bound [default: as convert].")
@@ -363,8 +454,8 @@ def plan_command(json_out: bool, quiet: bool, debug: bool, **_: Any) -> None:
     """
     from .cli_batch import run
 
-    _setup_logging(quiet, debug)
-    run(click.get_current_context(), "plan", json_out=json_out, quiet=quiet)
+    progress = _setup_logging(quiet, debug)
+    run(click.get_current_context(), "plan", json_out=json_out, progress=progress)
 
 
 def convert_checkpoint_main() -> None:

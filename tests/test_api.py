@@ -65,7 +65,7 @@ def test_convert_json_is_one_document_on_stdout(tiny_checkpoint: Path, tmp_path:
     assert doc["mapping"] == manifest["mapping"] and doc["dtype"] == "float16"
     assert doc["seconds"] >= 0 and doc["manifest"] == str(out / "manifest.json")
     assert {c["name"] for c in doc["checks"]} >= {"mapping", "source", "output_dir", "disk_space", "sha256"}
-    assert "wrote " in result.stderr and "converted -> " in result.stderr  # logs go to stderr
+    assert "wrote " in result.stderr and f"converted {tiny_checkpoint} -> {out}: " in result.stderr  # logs: stderr
     quiet = CliRunner().invoke(main, [*args, "--force", "--quiet"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
     assert json.loads(quiet.stdout)["files"] == doc["files"]

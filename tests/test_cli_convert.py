@@ -107,7 +107,7 @@ def test_help_states_the_resolution_rule() -> None:
         assert result.exit_code == 0
         text = " ".join(result.output.split())
         assert RULE in text
-        assert "neither given -> moe_tp_size = tp_size, moe_ep_size = 1" in text
+        assert "neither given (or -1) -> moe_tp_size = tp_size, moe_ep_size = 1" in text
         for flag in ("--tp_size", "--tp-size", "--moe_tp_size", "--moe_ep_size", "--pp_size", "--dtype"):
             assert flag in text
 

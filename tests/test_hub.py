@@ -235,3 +235,49 @@ def test_cli_honours_hf_home_and_offline_in_a_real_process(tiny_checkpoint: Path
     summary = json.loads(proc.stdout)
     assert summary["source"]["hub_id"] == REPO and summary["source"]["revision"] == COMMIT_A
     assert [f["file"] for f in summary["files"]] == ["rank0.safetensors", "rank1.safetensors"]
+
+
+# ---------------------------------------------------------------- a hub cache folder as --model_dir
+
+
+def test_a_cache_folder_resolves_its_refs_main_snapshot(hub_cache: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`--model_dir ~/.cache/huggingface/hub/models--org--name` is what people paste: it works."""
+    folder = hub_cache / "models--acme--tiny-mixtral"
+    out = tmp_path / "out"
+    args = ["convert", "--model_dir", str(folder), "--output_dir", str(out), "--tp_size", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"{folder} is the hub cache of {REPO}: using its snapshot {COMMIT_A[:12]} (main)" in result.stderr
+    local = convert(tiny_checkpoint, tmp_path / "local", tp_size=2)
+    assert rank_bytes(out) == rank_bytes(local.output_dir)
+    source = json.loads((out / "manifest.json").read_text())["source"]
+    assert (source["hub_id"], source["revision"]) == (REPO, COMMIT_A)
+    # --revision picks another ref (or a commit) of the folder.
+    v2 = resolve_model_dir(str(folder), "v2")
+    assert v2.path == folder / "snapshots" / COMMIT_B and v2.revision == COMMIT_B
+    assert resolve_model_dir(str(folder), COMMIT_B).path == folder / "snapshots" / COMMIT_B
+    assert dry_run(str(folder), tp_size=2).ok
+
+
+@pytest.mark.parametrize("damage", ["no_ref", "garbage_ref", "ref_to_missing_snapshot", "ref_escapes"])
+def test_a_cache_folder_without_a_usable_snapshot_says_what_to_pass(damage: str, hub_cache: Path) -> None:
+    folder = hub_cache / "models--acme--tiny-mixtral"
+    ref = folder / "refs" / "main"
+    if damage == "no_ref":
+        ref.unlink()
+    elif damage == "garbage_ref":
+        ref.write_text("../../../../etc")
+    elif damage == "ref_to_missing_snapshot":
+        ref.write_text("c" * 40)
+    else:
+        ref.unlink()
+        ref.symlink_to(folder / "refs" / "v2")  # a link: not trusted
+    result = CliRunner().invoke(main, ["plan", "--model_dir", str(folder)])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert f"--model_dir {folder} is a Hugging Face cache folder" in lines[0]
+    assert f"pass the hub id {REPO} (with HF_HUB_CACHE set to the folder above it)" in lines[0]
+    assert "snapshots/<commit>" in lines[0] and f"(snapshots: {COMMIT_A[:12]} {COMMIT_B[:12]})" in lines[0]
+    with pytest.raises(ConfigError):
+        resolve_model_dir(str(folder), "../../escape")

@@ -73,8 +73,8 @@ def test_one_moe_flag_that_does_not_divide_tp_is_an_error(moe_tp: int | None, mo
     [
         ({"tp_size": 0}, "--tp_size must be >= 1, got 0"),
         ({"pp_size": -1}, "--pp_size must be >= 1, got -1"),
-        ({"tp_size": 2, "moe_tp_size": 0}, "--moe_tp_size must be >= 1, got 0"),
-        ({"tp_size": 2, "moe_ep_size": -2}, "--moe_ep_size must be >= 1, got -2"),
+        ({"tp_size": 2, "moe_tp_size": 0}, "--moe_tp_size must be >= 1 (or -1: not set), got 0"),
+        ({"tp_size": 2, "moe_ep_size": -2}, "--moe_ep_size must be >= 1 (or -1: not set), got -2"),
     ],
 )
 def test_every_size_must_be_at_least_one(kwargs: dict[str, int], expected: str) -> None:
