@@ -89,7 +89,8 @@ def _arguments(ctx: click.Context) -> tuple[dict[str, Any], list[MappingRequest]
             requests = list(job.mappings)
         if problems and job is not None:
             problems += _fit_problems(params, job)
-        collect(problems, ConfigError, f"--job_file {params['job_file']} is invalid")
+        where = f"--job_file {params['job_file']}"
+        collect(problems, ConfigError, f"{where} is invalid", where=where)
     if params.get("mappings"):
         requests, problems = [], []
         for text in params["mappings"]:
@@ -121,7 +122,7 @@ def _option_check(ctx: click.Context) -> OptionCheck:
         try:
             param.type_cast_value(ctx, value)
         except click.BadParameter as e:
-            return e.message
+            return e.message.rstrip(".")
         return None
 
     return check

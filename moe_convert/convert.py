@@ -478,7 +478,7 @@ def _headline(jobs: list[WriteJob], total: int) -> str:
     """What a conversion is about to write, for the first progress line of a log."""
     files = sum(len(job.ranks()) for job in jobs)
     where = ", ".join(f"{job.output_dir} ({job.plan.mapping.describe()}, {job.plan.dtype})" for job in jobs)
-    return shorten(f"{count(files, 'rank file')}, {human_bytes(total)} into {where}")
+    return shorten(f"{count(files, 'rank file')}, {human_bytes(total)} of tensor data into {where}")
 
 
 def _check_combined_space(dirs: list[Path], needed: list[int]) -> None:

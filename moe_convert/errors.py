@@ -65,12 +65,15 @@ class VerifyError(MoeConvertError):
     """A converted checkpoint does not match its manifest or its source."""
 
 
-def collect(problems: list[str], error: type[MoeConvertError], summary: str) -> None:
-    """Raise `error` listing every problem at once, or return if there are none."""
+def collect(problems: list[str], error: type[MoeConvertError], summary: str, *, where: str = "") -> None:
+    """Raise `error` listing every problem at once, or return if there are none.
+
+    `where` (a file, an option) starts the message of a single problem; `summary` should name it too.
+    """
     if not problems:
         return
     if len(problems) == 1:
-        raise error(problems[0], problems)
+        raise error(f"{where}: {problems[0]}" if where else problems[0], problems)
     raise error(f"{summary} ({len(problems)} problems): " + "; ".join(problems), problems, summary=summary)
 
 

@@ -189,22 +189,21 @@ def read_job_file(path: str | Path, check_option: OptionCheck | None = None) -> 
     as the command line would (the CLI passes its own option types); it returns the problem or None.
     """
     job, problems = load_job_file(path, check_option)
-    collect(problems, ConfigError, f"--job_file {path} is invalid")
+    collect(problems, ConfigError, f"--job_file {path} is invalid", where=f"--job_file {path}")
     assert job is not None
     return job
 
 
 def load_job_file(path: str | Path, check_option: OptionCheck | None = None) -> tuple[JobFile | None, list[str]]:
-    """The job file and every problem in it, each starting `--job_file PATH: `. The JobFile holds what is
-    usable (valid options and mappings), or is None if the file has no model_dir, output_dir or mappings."""
+    """The job file and every problem in it (about the file: the caller names it). The JobFile holds what
+    is usable (valid options and mappings), or is None if the file has no model_dir, output_dir or mappings."""
     path = Path(path)
-    where = f"--job_file {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        return None, [f"{where}: cannot read: {e.strerror or e}"]
+        return None, [f"cannot read: {e.strerror or e}"]
     except UnicodeDecodeError as e:
-        return None, [f"{where}: not UTF-8 text ({e})"]
+        return None, [f"not UTF-8 text ({e})"]
     raw: object
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
@@ -212,14 +211,14 @@ def load_job_file(path: str | Path, check_option: OptionCheck | None = None) -> 
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            return None, [f"{where}: not valid YAML ({str(e).splitlines()[0]})"]
+            return None, [f"not valid YAML ({str(e).splitlines()[0]})"]
     else:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
-            return None, [f"{where}: not valid JSON ({e}); YAML files must end in .yaml"]
+            return None, [f"not valid JSON ({e}); YAML files must end in .yaml"]
     if not isinstance(raw, dict):
-        return None, [f"{where}: expected a mapping of keys at the top, found {type(raw).__name__}"]
+        return None, [f"expected a mapping of keys at the top, found {type(raw).__name__}"]
     problems = [f"unknown key {k!r} (known: {', '.join(_JOB_KEYS)})" for k in raw if k not in _JOB_KEYS]
     problems += [f"{k} is required" for k in ("model_dir", "output_dir", "mappings") if k not in raw]
     options: dict[str, Any] = {}
@@ -245,7 +244,6 @@ def load_job_file(path: str | Path, check_option: OptionCheck | None = None) -> 
             request, found = None, [f"mappings[{i}]: expected a mapping like {{tp: 8, moe_ep: 8}}, found {m!r}"]
         problems += found
         requests += [request] if request else []
-    problems = [f"{where}: {p}" for p in problems]
     model_dir, output_dir = raw.get("model_dir"), raw.get("output_dir")
     if not (isinstance(model_dir, str) and isinstance(output_dir, str) and requests):
         return None, problems
