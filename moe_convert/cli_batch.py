@@ -150,6 +150,7 @@ def _fit_problems(params: dict[str, Any], job: JobFile) -> list[str]:
 def _check_config_flags(params: dict[str, Any], flags: dict[str, Any]) -> None:
     """TensorRT-LLM's config-from-flags values must agree with the config.json this conversion writes."""
     from .config_only import open_for_plan
+    from .convert import plan_input_settings
     from .mapping import Mapping
     from .plan import ConvertOptions, plan_conversion
     from .trtllm_config import trtllm_config
@@ -158,7 +159,8 @@ def _check_config_flags(params: dict[str, Any], flags: dict[str, Any]) -> None:
     source = open_for_plan(params["model_dir"], revision=params.get("revision"), dtype=params["dtype"])
     options = ConvertOptions(**{k: params[k] for k in PLAN_OPTIONS})
     # These keys do not depend on the mapping: any plan's config.json has the same values.
-    config = trtllm_config(plan_conversion(source.spec, source.headers, Mapping(), options))
+    the_plan = plan_conversion(source.spec, source.headers, Mapping(), options)
+    config = trtllm_config(the_plan, plan_input_settings(source))
     collect(disagreements(flags, config), UsageError, "TensorRT-LLM flags disagree with the checkpoint's config.json")
 
 

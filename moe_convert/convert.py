@@ -31,6 +31,7 @@ from .writer import layout_rank_file, write_json_atomic
 if TYPE_CHECKING:
     from .config_only import PlanInput
     from .mapping import Mapping
+    from .model_config import ModelSettings
     from .verify import VerifyReport
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,18 @@ def save_config(
     model_path = source.config_path.parent if source.source is None else source.source.model_dir
     out = Path(output_dir)
     prepare_output_dir(out, model_path, force=force, needed_bytes=_CONFIG_BYTES)
-    write_json_atomic(out / CONFIG_FILE, trtllm_config(the_plan))
+    write_json_atomic(out / CONFIG_FILE, trtllm_config(the_plan, plan_input_settings(source)))
     return the_plan
+
+
+def plan_input_settings(source: PlanInput) -> ModelSettings:
+    """The settings the output config.json needs (RoPE, norm epsilon, ...), also for a config.json alone."""
+    if source.source is not None:
+        return source.source.settings
+    from .model_config import read_model
+    from .source import load_config_json
+
+    return read_model(load_config_json(source.config_path), str(source.config_path))[1]
 
 
 def open_model(model_dir: str | os.PathLike[str], revision: str | None = None) -> SourceCheckpoint:

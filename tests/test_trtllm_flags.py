@@ -367,20 +367,23 @@ def test_save_config_only_refuses_what_needs_rank_files(tiny_checkpoint: Path, t
 # ---------------------------------------------------------------- --use_embedding_sharing
 
 
-@pytest.fixture(scope="module")
-def tied(make_checkpoint: MakeCheckpoint) -> Path:
-    return make_checkpoint(tie_word_embeddings=True, vocab_size=97)
+TIED = {"tie_word_embeddings": True, "vocab_size": 97}
 
 
 @pytest.mark.parametrize(
-    "args",
-    [["--tp_size", "1"], ["--tp_size", "2", "--use_parallel_embedding"], ["--tp_size", "4", "--moe_ep_size", "4",
-     "--use_parallel_embedding", "--embedding_sharding_dim", "0"]],
-    ids=["tp1", "tp2-pemb0", "tp4-ep4-pemb0"],
-)  # fmt: skip
+    ("model", "args"),
+    [
+        (TIED, ["--tp_size", "1"]),
+        (TIED, ["--tp_size", "2", "--use_parallel_embedding"]),
+        (TIED, ["--tp_size", "4", "--moe_ep_size", "4", "--use_parallel_embedding", "--embedding_sharding_dim", "0"]),
+        ({**TIED, "family": "qwen3_moe"}, ["--tp_size", "2", "--use_parallel_embedding"]),
+    ],
+    ids=["tp1", "tp2-pemb0", "tp4-ep4-pemb0", "qwen3-tp2-pemb0"],
+)
 def test_embedding_sharing_leaves_lm_head_out_where_it_is_the_embedding(
-    args: list[str], tied: Path, tmp_path: Path
+    model: dict[str, Any], args: list[str], make_checkpoint: MakeCheckpoint, tmp_path: Path
 ) -> None:
+    tied = make_checkpoint(**model)
     base = ["--model_dir", str(tied), *args, "--quiet"]
     assert run(*base, "--output_dir", str(tmp_path / "plain")).exit_code == 0
     result = run(*base, "--output_dir", str(tmp_path / "shared"), "--use_embedding_sharing")
