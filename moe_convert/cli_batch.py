@@ -189,7 +189,8 @@ def _plan(params: dict[str, Any], requests: list[MappingRequest] | None, json_ou
         doc = report.document()
         if not report.ok:
             problems = report.problems
-            doc.update(exit_code=report.exit_code, error=f"{len(problems)} checks failed", problems=problems)
+            error = problems[0] if len(problems) == 1 else f"{len(problems)} checks failed: " + "; ".join(problems)
+            doc.update(exit_code=report.exit_code, error=error, problems=problems)
         _emit(doc)
     else:
         click.echo(report.text(), nl=False)

@@ -52,12 +52,12 @@ def start(
     Args:
         what: the verb each line starts with.
         total: bytes the run will process; `update(n)` reports n more.
-        enabled: False gives a progress that prints nothing.
+        enabled: False gives a progress that prints nothing (as does a total of 0).
         headline: what will be done, for the first line of a log (a terminal's bar shows `what` only).
         stream: where to write (default: stderr, looked up now so tests can capture it).
         step, interval: a log line at least every `step` of the bytes and every `interval` seconds.
     """
-    if not enabled:
+    if not enabled or total <= 0:  # nothing to do (a --resume that finds everything written) says so elsewhere
         return NoProgress()
     out = sys.stderr if stream is None else stream
     if _is_terminal(out):
