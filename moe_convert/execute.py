@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import profiling
 from .header import DTYPES, TensorInfo
 from .plan import Box, Plan, RankPlan
 from .reading import SourceReader as _SourceReader
@@ -68,9 +69,11 @@ class _ReadBuffers:
 
     def take(self, n: int) -> bytearray:
         with self.cond:
+            t0 = profiling.clock()
             while not self.free and self.made == 2:
                 self.check()
                 self.cond.wait(0.1)
+            profiling.current.add("buffer_wait", t0)
             if self.free:
                 buf = self.free.pop()
             else:
@@ -120,7 +123,9 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
     chunks.sort(key=lambda c: min(t.offset + _element_offset(sub, t.box) for t, sub in c[1]))
     for chunk, users in chunks:
         buf = ctx.buffers.take(ctx.reader.byte_range(info, chunk)[1])
+        t0 = profiling.clock()
         data = ctx.reader.read(info, chunk, into=buf)
+        profiling.current.add("chunk_read", t0, data.numel() * item)
         done = ctx.buffers.lend(buf, len(users))
         for t, sub in users:
             view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
@@ -148,7 +153,9 @@ def _write_piece(ctx: _Context, view: torch.Tensor, t: _Target, offset: int) -> 
     for block in chunk_boxes(tuple(view.shape), item, CAST_BLOCK_BYTES):
         part = view[tuple(slice(s, e) for s, e in block)]
         n = part.numel()
+        t0 = profiling.clock()
         out[:n].view(part.shape).copy_(part)  # gathers the columns and casts in one pass
+        profiling.current.add("gather_cast", t0, n * item)
         t.writer.write(offset + _element_offset(block, whole) * item, out[:n].view(torch.uint8).numpy())
         ctx.on_bytes(n * item)
 
@@ -193,6 +200,7 @@ def execute_plans(
     rank file written.
     """
     n_files = sum(len(job.ranks()) for job in jobs)
+    prof = profiling.begin()
     lanes = WriteThreads(write_thread_count(workers, n_files))
     buffer_bytes = staging_buffer_bytes(n_files)
     writers: list[list[RankFileWriter]] = []
@@ -227,7 +235,9 @@ def execute_plans(
         for ws in writers:  # writers no source tensor feeds (none in practice) are committed here
             for w in ws:
                 commit_when_done.commit(w)
+        t0 = profiling.clock()
         lanes.close()  # waits for the last pieces, checksums and renames
+        prof.add("wait_lanes", t0)
         return [[commit_when_done.results[w] for w in ws] for ws in writers]
     except BaseException:
         lanes.close(cancel=True)  # before closing descriptors a lane may still be using
@@ -243,6 +253,7 @@ def execute_plans(
     finally:
         if reader is not None:
             reader.close()
+        profiling.end(f"{n_files} rank files, {lanes.count} write threads, {buffer_bytes >> 10} KiB staging")
 
 
 def _write_order(by_source: dict[str, list[_Target]], tensors: dict[str, TensorInfo]) -> list[str]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import profiling
 from .errors import OutputError
 from .header import itemsize
 from .plan import RankPlan
@@ -153,7 +154,14 @@ class WriteThreads:
             self.check()
 
     def _loop(self, q: queue.SimpleQueue[tuple[Callable[[], None], Callable[[], None]] | None]) -> None:
-        while (item := q.get()) is not None:
+        prof = profiling.current
+        prof.thread_start()
+        while True:
+            t0 = profiling.clock()
+            item = q.get()
+            prof.add("queue_wait", t0)
+            if item is None:
+                break
             job, release = item
             try:
                 if self.error is None and not self._cancelled:
@@ -163,6 +171,7 @@ class WriteThreads:
                     self.error = e
             finally:
                 release()
+        prof.thread_done()
 
 
 class RankFileWriter:
@@ -209,8 +218,10 @@ class RankFileWriter:
             self._stage(view)
             self._catch_up()
         else:
+            t0 = profiling.clock()
             spill = self._park(offset, len(view))
             _pwrite_all(spill, view, offset, self.partial, self.layout.size)
+            profiling.current.add("park", t0, len(view))
 
     def copy_from(self, src_fd: int, src_offset: int, n: int, offset: int) -> int:
         """Copy n bytes of another file to `offset`; returns how many were copied (fewer only if the
@@ -246,7 +257,9 @@ class RankFileWriter:
                 os.close(self._spill_fd)
                 self._spill_fd = -1
             os.ftruncate(self.fd, self.layout.size)  # the last block was padded to a whole one
+            t0 = profiling.clock()
             os.fsync(self.fd)
+            profiling.current.add("fsync", t0)
             os.close(self.fd)
             self.fd = -1
             os.replace(self.partial, self.path)
@@ -275,7 +288,9 @@ class RankFileWriter:
 
     def _advance(self, n: int) -> None:
         assert self._buf is not None
+        t0 = profiling.clock()
         self._sha.update(memoryview(self._buf)[self._fill : self._fill + n])
+        profiling.current.add("hash", t0, n)
         self._fill += n
         self.front += n
         if self._fill == self._buffer_bytes:
@@ -285,7 +300,9 @@ class RankFileWriter:
         while view:
             buf = self._buffer()
             n = min(len(view), len(buf) - self._fill, _STEP)
+            t0 = profiling.clock()
             buf[self._fill : self._fill + n] = view[:n]
+            profiling.current.add("stage_copy", t0, n)
             view = view[n:]
             self._advance(n)
 
@@ -294,7 +311,9 @@ class RankFileWriter:
         while copied < n:
             buf = self._buffer()
             want = min(n - copied, len(buf) - self._fill, _STEP)
+            t0 = profiling.clock()
             got = os.preadv(src_fd, [buf[self._fill : self._fill + want]], src_offset + copied)
+            profiling.current.add("read", t0, got)
             if got == 0:
                 break
             copied += got
@@ -339,8 +358,10 @@ class RankFileWriter:
         self._fill = 0
 
     def _write_block(self, view: memoryview, offset: int) -> None:
+        t0 = profiling.clock()
         try:
             _pwrite_all(self.fd, view, offset, self.partial, self.layout.size)
+            profiling.current.add("write", t0, len(view))
         except OutputError as e:
             if not (self.direct and isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.EINVAL):
                 raise
