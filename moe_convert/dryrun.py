@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import writer
 from .config_only import PlanInput, open_for_plan
 from .errors import CheckpointError, MappingError, UsageError
-from .execute import CAST_BLOCK_BYTES, DEFAULT_CHUNK_BYTES
+from .execute import CAST_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, READ_BUFFERS
 from .header import itemsize
 from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
@@ -278,25 +279,27 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
 def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:
     """Peak host memory of a conversion, from how the executor works (execute.py, writer.py).
 
-    The main thread reads chunks of at most `chunk_bytes` into one of two reused buffers; each write
-    thread slices and casts its pieces from them a block (4 MiB of output) at a time; every rank file has
-    one staging buffer (1 MiB; 256 KiB each beyond 256 files). All jobs of a batch share the pass, so
+    The main thread reads chunks of at most `chunk_bytes` into one of READ_BUFFERS (2) reused buffers;
+    each write thread slices and casts its pieces from them a block (4 MiB of output) at a time; every
+    rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
+    hosts) or 4 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
     their rank files count together. Nothing else grows with the model. So:
 
-        bound = base + 2 * chunk_bytes + write_threads * block + rank_files * staging_buffer
+        bound = base + 2 * chunk_bytes + write_threads * block + rank_files * depth * staging_buffer
     """
     n_files = sum(len(plan.ranks) for plan in plans)
     threads = write_thread_count(workers, n_files)
-    staging = n_files * staging_buffer_bytes(n_files)
-    bound = BASE_MEMORY_BYTES + 2 * chunk_bytes + threads * CAST_BLOCK_BYTES + staging
+    staging = n_files * writer.DEPTH * staging_buffer_bytes(n_files)
+    bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging
     return {
         "bound_bytes": bound,
         "base_bytes": BASE_MEMORY_BYTES,
         "workers": threads,
         "chunk_bytes": chunk_bytes,
+        "read_buffers": READ_BUFFERS,
         "cast_block_bytes": CAST_BLOCK_BYTES,
         "staging_bytes": staging,
-        "formula": "base + 2 * chunk_bytes + workers * cast_block_bytes + staging_bytes",
+        "formula": "base + read_buffers * chunk_bytes + workers * cast_block_bytes + staging_bytes",
     }
 
 
@@ -390,7 +393,7 @@ def render_text(run: DryRun) -> str:
         lines.append(_disk_line(run.disk))
     m = run.memory
     lines.append(
-        f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + 2 x "
+        f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + {m['read_buffers']} x "
         f"{human_bytes(m['chunk_bytes'])} read buffers + {m['workers']} x {human_bytes(m['cast_block_bytes'])} "
         f"cast blocks + {human_bytes(m['staging_bytes'])} staging buffers"
     )

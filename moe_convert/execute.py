@@ -3,8 +3,9 @@
 The main thread walks the source tensors in the order the rank files need them (each file fills from its
 front, see writer.py) and hands the work to the files' lanes (write threads): a piece that is a plain
 byte range of the source is read by the lane straight into the file's staging buffer; the others are
-read by the main thread in chunks of at most `chunk_bytes` into one of two reused buffers, and the lanes
-slice and cast their pieces from it a few MB at a time. Memory stays bounded whatever the model size.
+read by the main thread in chunks of at most `chunk_bytes` into one of a few reused buffers, and the
+lanes slice (numpy, on the elements' raw bits) and cast (torch, imported only then) their pieces from it
+a few MB at a time. Memory stays bounded whatever the model size.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from . import profiling
-from .header import DTYPES, TensorInfo
+from . import profiling, writer
+from .header import TensorInfo, itemsize, torch_dtype
 from .plan import Box, Plan, RankPlan
+from .reading import BITS, chunk_boxes, contiguous_run
 from .reading import SourceReader as _SourceReader
-from .reading import chunk_boxes, contiguous_run
 from .reading import element_offset as _element_offset
 from .reading import intersect as _intersect
 from .writer import PARTIAL_SUFFIX, RankFileWriter, WriteThreads, staging_buffer_bytes, write_thread_count
@@ -40,7 +42,7 @@ class _Target:
     writer: RankFileWriter
     box: Box
     offset: int  # absolute offset in the rank file
-    dtype: torch.dtype
+    dtype: str  # safetensors code of the output tensor
     stage: int  # pipeline stage of the rank file
 
 
@@ -53,16 +55,17 @@ class RankResult:
 
 # A lane slices and casts a piece this many output bytes at a time, so pieces never exist whole.
 CAST_BLOCK_BYTES = 4 * 2**20
+# Chunk buffers: the main thread reads the next chunks while lanes still cut pieces from earlier ones.
+READ_BUFFERS = 2
 
 
 class _ReadBuffers:
-    """Two chunk buffers: the main thread reads the next chunk while lanes still cut pieces from the last.
-
-    A buffer is reused only once every lane job cutting from it has finished (or been skipped).
+    """READ_BUFFERS chunk buffers: the main thread reads the next chunk while lanes still cut pieces from
+    the last ones. A buffer is reused only once every lane job cutting from it has finished (or been skipped).
     """
 
-    def __init__(self, chunk_bytes: int, check: Callable[[], None]) -> None:
-        self.chunk_bytes, self.check = chunk_bytes, check
+    def __init__(self, chunk_bytes: int, check: Callable[[], None], count: int) -> None:
+        self.chunk_bytes, self.check, self.count = chunk_bytes, check, count
         self.free: list[bytearray] = []
         self.made = 0
         self.cond = threading.Condition()
@@ -70,7 +73,7 @@ class _ReadBuffers:
     def take(self, n: int) -> bytearray:
         with self.cond:
             t0 = profiling.clock()
-            while not self.free and self.made == 2:
+            while not self.free and self.made >= self.count:
                 self.check()
                 self.cond.wait(0.1)
             profiling.current.add("buffer_wait", t0)
@@ -101,15 +104,16 @@ class _Context:
     reader: _SourceReader
     lanes: WriteThreads
     buffers: _ReadBuffers
+    casts: _Casts
     on_bytes: Callable[[int], None]  # thread-safe
 
 
 def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
     """Hand every piece of one source tensor to its rank file's lane, each file's pieces in file order."""
-    item = info.torch_dtype.itemsize
+    item = info.itemsize
     to_read = []
     for t in sorted(targets, key=lambda t: t.offset):
-        if t.dtype == info.torch_dtype and contiguous_run(t.box, info.shape):
+        if t.dtype == info.dtype and contiguous_run(t.box, info.shape):
             _submit_copy(ctx, info, t)
         else:
             to_read.append(t)
@@ -124,39 +128,77 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
     for chunk, users in chunks:
         buf = ctx.buffers.take(ctx.reader.byte_range(info, chunk)[1])
         t0 = profiling.clock()
-        data = ctx.reader.read(info, chunk, into=buf)
-        profiling.current.add("chunk_read", t0, data.numel() * item)
+        data = ctx.reader.read_bits(info, chunk, into=buf)
+        profiling.current.add("chunk_read", t0, data.size * item)
         done = ctx.buffers.lend(buf, len(users))
         for t, sub in users:
             view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
-            offset = t.offset + _element_offset(sub, t.box) * t.dtype.itemsize
-            ctx.lanes.submit(t.writer.lane, functools.partial(_write_piece, ctx, view, t, offset), done)
+            offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
+            cast = ctx.casts.get(info.dtype, t.dtype)
+            ctx.lanes.submit(t.writer.lane, functools.partial(_write_piece, ctx, view, t, offset, cast), done)
 
 
 _lane_local = threading.local()
 
 
-def _cast_buffer(dtype: torch.dtype) -> torch.Tensor:
-    """This lane's reused block of CAST_BLOCK_BYTES for `dtype`: blocks made and freed by eight threads at
-    once left ~300 MB of freed memory in the allocator's per-thread arenas (tp8, measured)."""
-    buffers: dict[torch.dtype, torch.Tensor] = _lane_local.__dict__.setdefault("cast", {})
-    if dtype not in buffers:
-        buffers[dtype] = torch.empty(CAST_BLOCK_BYTES // dtype.itemsize, dtype=dtype)
-    return buffers[dtype]
+def _block(item: int) -> np.ndarray:
+    """This lane's reused block of CAST_BLOCK_BYTES, as raw elements of `item` bytes: blocks made and freed
+    by eight threads at once left ~300 MB of freed memory in the allocator's per-thread arenas (measured)."""
+    buffers: dict[int, np.ndarray] = _lane_local.__dict__.setdefault("blocks", {})
+    if item not in buffers:
+        buffers[item] = np.empty(CAST_BLOCK_BYTES // item, dtype=BITS[item])
+    return buffers[item]
 
 
-def _write_piece(ctx: _Context, view: torch.Tensor, t: _Target, offset: int) -> None:
+Cast = Callable[[np.ndarray, np.ndarray], None]
+
+
+class _Casts:
+    """Functions that copy raw source elements into raw target elements of the same shape.
+
+    Same dtype: numpy copies the bits, no torch needed. Another dtype: torch casts, with one thread of its
+    own for the conversion, since the lanes already run in parallel: with torch's default threads on top,
+    4 MB casts took 6-10x longer and column-slice copies 18x longer on 2 cores (measured).
+    """
+
+    def __init__(self) -> None:
+        self.restore_threads = 0
+
+    def get(self, source: str, target: str) -> Cast:
+        if source == target:
+            return functools.partial(np.copyto, casting="no")
+        import torch  # only conversions between dtypes need it
+
+        if not self.restore_threads:
+            self.restore_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        src, dst = torch_dtype(source), torch_dtype(target)
+
+        def cast(out: np.ndarray, part: np.ndarray) -> None:
+            torch.from_numpy(out).view(dst).copy_(torch.from_numpy(part).view(src))
+
+        return cast
+
+    def close(self) -> None:
+        if self.restore_threads:
+            import torch
+
+            torch.set_num_threads(self.restore_threads)
+            self.restore_threads = 0
+
+
+def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast: Cast) -> None:
     """On the lane: slice and cast `view` block by block into the rank file (row-major, as one piece)."""
-    item = t.dtype.itemsize
+    item = itemsize(t.dtype)
     whole = tuple((0, d) for d in view.shape)
-    out = _cast_buffer(t.dtype)
+    out = _block(item)
     for block in chunk_boxes(tuple(view.shape), item, CAST_BLOCK_BYTES):
         part = view[tuple(slice(s, e) for s, e in block)]
-        n = part.numel()
+        n = part.size
         t0 = profiling.clock()
-        out[:n].view(part.shape).copy_(part)  # gathers the columns and casts in one pass
+        cast(out[:n].reshape(part.shape), part)  # gathers the columns (and casts) in one pass
         profiling.current.add("gather_cast", t0, n * item)
-        t.writer.write(offset + _element_offset(block, whole) * item, out[:n].view(torch.uint8).numpy())
+        t.writer.write(offset + _element_offset(block, whole) * item, out[:n])
         ctx.on_bytes(n * item)
 
 
@@ -203,8 +245,11 @@ def execute_plans(
     prof = profiling.begin()
     lanes = WriteThreads(write_thread_count(workers, n_files))
     buffer_bytes = staging_buffer_bytes(n_files)
+    n_io = writer.io_thread_count(n_files)
+    io = ThreadPoolExecutor(n_io, thread_name_prefix="moe-convert-io") if n_io else None
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
+    casts = _Casts()
     try:
         by_source: dict[str, list[_Target]] = {}
         made = 0
@@ -212,12 +257,20 @@ def execute_plans(
             writers.append([])
             for r in job.ranks():
                 lane, made = made % lanes.count, made + 1  # rank files spread round-robin over the lanes
-                w = RankFileWriter(job.output_dir / r.file, r, lane, direct=direct_io, buffer_bytes=buffer_bytes)
+                w = RankFileWriter(
+                    job.output_dir / r.file,
+                    r,
+                    lane,
+                    direct=direct_io,
+                    buffer_bytes=buffer_bytes,
+                    io=io,
+                    depth=writer.DEPTH,
+                )
                 writers[-1].append(w)
                 for t in r.tensors:
                     for p in t.pieces:
                         offset = w.layout.offsets[t.name] + p.dst_offset
-                        target = _Target(w, p.box, offset, DTYPES[t.dtype], r.coords.pp_rank)
+                        target = _Target(w, p.box, offset, t.dtype, r.coords.pp_rank)
                         by_source.setdefault(p.source, []).append(target)
         order = _write_order(by_source, tensors)
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
@@ -227,7 +280,7 @@ def execute_plans(
             with lock:
                 on_bytes(n)
 
-        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check), counted)
+        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS), casts, counted)
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
             _scatter(ctx, tensors[n], by_source[n])
@@ -251,6 +304,9 @@ def execute_plans(
                     (job.output_dir / (r.file + PARTIAL_SUFFIX)).unlink(missing_ok=True)
         raise
     finally:
+        casts.close()  # the lanes have stopped
+        if io is not None:
+            io.shutdown()
         if reader is not None:
             reader.close()
         profiling.end(f"{n_files} rank files, {lanes.count} write threads, {buffer_bytes >> 10} KiB staging")

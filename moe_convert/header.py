@@ -13,34 +13,68 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> bytes per element. The torch dtypes (DTYPES, CODES below) are looked up only
+# when something casts: a plain byte-range copy never imports torch.
+ITEMSIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
-CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_CODES = ("F32", "F16", "BF16")
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    dtype: torch.dtype = getattr(torch, _TORCH_NAMES[code])
+    return dtype
+
+
+def __getattr__(name: str) -> Any:
+    """DTYPES (code -> torch dtype) and CODES (its inverse), built on first use."""
+    if name in ("DTYPES", "CODES"):
+        dtypes = {code: torch_dtype(code) for code in _TORCH_NAMES}
+        globals().update(DTYPES=dtypes, CODES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # A real header is a few hundred KB; anything above this is corruption, not a model.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def itemsize(code: str) -> int:
-    return DTYPES[code].itemsize
+    return ITEMSIZES[code]
 
 
 @dataclass(frozen=True)
@@ -59,8 +93,12 @@ class TensorInfo:
         return self.stop - self.start
 
     @property
+    def itemsize(self) -> int:
+        return ITEMSIZES[self.dtype]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -112,8 +150,8 @@ def _validate(path: Path, header: dict[str, object], data_start: int, file_size:
         if not isinstance(entry, dict):
             raise CheckpointError(f"{where}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(dtype, str) or dtype not in ITEMSIZES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(ITEMSIZES)})")
         # Bounded like safetensors' own u64/usize fields, so later arithmetic (torch, numpy) cannot overflow.
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
             raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")

@@ -11,13 +11,20 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import CheckpointError
 from .header import TensorInfo
 from .plan import Box
 from .writer import RankFileWriter
+
+if TYPE_CHECKING:
+    import torch
+
+# Elements as raw bits: slicing and gathering need only the element size, never the dtype's meaning.
+BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def chunk_boxes(shape: tuple[int, ...], itemsize: int, limit: int, prefix: Box = ()) -> Iterator[Box]:
@@ -80,7 +87,14 @@ class SourceReader:
         self.local = threading.local()
 
     def read(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> torch.Tensor:
-        """The chunk, read into `into` (at least the chunk's size) or else this thread's reused buffer."""
+        """The chunk as a tensor, read into `into` (at least the chunk's size) or else this thread's buffer."""
+        import torch
+
+        return torch.from_numpy(self.read_bits(info, chunk, into)).view(info.torch_dtype)
+
+    def read_bits(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> np.ndarray:
+        """The chunk's elements as raw bits (a signed integer of the element's size), in `into` or else
+        this thread's reused buffer."""
         shape = tuple(e - s for s, e in chunk)
         start, n = self.byte_range(info, chunk)
         buf = into if into is not None else getattr(self.local, "buf", None)
@@ -93,13 +107,11 @@ class SourceReader:
                 f"{info.file}: tensor {info.name!r}: read {got} of {n} bytes at offset {start}; "
                 "the file was truncated or changed while converting"
             )
-        if n == 0:
-            return torch.empty(shape, dtype=info.torch_dtype)
-        return torch.frombuffer(view, dtype=info.torch_dtype).reshape(shape)
+        return np.frombuffer(view, dtype=BITS[info.itemsize]).reshape(shape)
 
     def byte_range(self, info: TensorInfo, box: Box) -> tuple[int, int]:
         """Where `box`, one contiguous run of the tensor, lies in its file: (offset, length)."""
-        item = info.torch_dtype.itemsize
+        item = info.itemsize
         start = info.start + element_offset(box, tuple((0, d) for d in info.shape)) * item
         return start, math.prod(e - s for s, e in box) * item
 

@@ -27,6 +27,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,26 @@ PARTIAL_SUFFIX = ".partial"
 # one file from ever sharing a page, which the kernel cannot keep coherent.
 ALIGN = max(4096, mmap.PAGESIZE)
 # Bytes go into a file's staging buffer 1 MB at a time and are hashed right away, while still in the CPU
-# cache (hashing whole 8 MB buffers afterwards, in another thread, made the conversion ~10% slower). The
-# buffer is written in one piece when full: 1 MB per rank file (down to 256 KB each beyond 256 files);
-# 8 MB buffers measured no faster here (2-layer tp8/moe_ep8: 6.2-7.0 s vs 5.8-6.5 s).
+# cache (hashing whole 8 MB buffers afterwards, in another thread, made the conversion ~10% slower).
 _STEP = 2**20
-_MAX_BUFFER = 2**20
 _MIN_BUFFER = 256 * 2**10
-_STAGING_BUDGET = 256 * 2**20
+_STAGING_BUDGET = 256 * 2**20  # all staging buffers together; each shrinks (down to _MIN_BUFFER) to fit
+
+
+def staging_defaults(cpus: int) -> tuple[int, int]:
+    """(DEPTH, largest staging buffer) for a host with `cpus` cores.
+
+    DEPTH is the number of staging buffers per rank file: with two, an I/O thread writes the full one
+    while the lane hashes and fills the other. On a 16-core host with a virtual disk (4-layer 8x7B,
+    benchmarks/profile_convert.py) each lane otherwise waited for its own 1 MB write: with depth 2 and
+    4 MB buffers tp4/moe_tp2/moe_ep2 took 6.2 s instead of 8.4 s and tp8/moe_ep8 6.6-7.1 s instead of
+    7.4-12.0 s, at the disk's parallel write speed. On 2 cores the lanes are busy hashing, so there is
+    no idle wait to overlap: an I/O thread per lane and 8 MB buffers both measured no faster there.
+    """
+    return (2, 4 * 2**20) if cpus >= 8 else (1, 2**20)
+
+
+DEPTH, _MAX_BUFFER = staging_defaults(os.cpu_count() or 1)
 _sha256 = hashlib.sha256  # one place to swap the hash out (benchmarks/bench_checksum.py measures its cost)
 _ZEROS = bytes(_MIN_BUFFER)
 
@@ -99,9 +113,15 @@ def padding_ranges(rank: RankPlan, layout: FileLayout) -> list[tuple[int, int]]:
     return gaps
 
 
-def staging_buffer_bytes(n_files: int) -> int:
-    share = _STAGING_BUDGET // max(1, n_files)
+def staging_buffer_bytes(n_files: int, depth: int | None = None) -> int:
+    share = _STAGING_BUDGET // max(1, n_files * (depth or DEPTH))
     return max(_MIN_BUFFER, min(_MAX_BUFFER, share)) // ALIGN * ALIGN
+
+
+def io_thread_count(n_files: int, depth: int | None = None) -> int:
+    """Threads that write full staging buffers (0: each lane writes its own, synchronously)."""
+    depth = depth or DEPTH
+    return 0 if depth <= 1 else min(32, n_files * (depth - 1))
 
 
 def write_thread_count(workers: int | None, n_files: int) -> int:
@@ -183,7 +203,15 @@ class RankFileWriter:
     """
 
     def __init__(
-        self, path: Path, rank: RankPlan, lane: int, *, direct: bool = True, buffer_bytes: int = _MAX_BUFFER
+        self,
+        path: Path,
+        rank: RankPlan,
+        lane: int,
+        *,
+        direct: bool = True,
+        buffer_bytes: int = _MAX_BUFFER,
+        io: ThreadPoolExecutor | None = None,
+        depth: int = 1,
     ) -> None:
         self.path = path
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -193,7 +221,11 @@ class RankFileWriter:
         self._sha = _sha256()
         self.front = 0
         self._ahead: dict[int, tuple[int, bool]] = {}  # start -> (stop, is_padding)
-        self._buf: mmap.mmap | None = None
+        # A ring of staging buffers; the one being filled is _bufs[_cur], the others may be in flight.
+        self._io = io if depth > 1 else None
+        self._bufs: list[mmap.mmap | None] = [None] * (depth if self._io else 1)
+        self._in_flight: list[Future[None] | None] = [None] * len(self._bufs)
+        self._cur = 0
         self._base = 0  # file offset of the staging buffer's first byte
         self._fill = 0
         self._spill_fd = -1  # a buffered descriptor for parked bytes (and reading them back)
@@ -252,6 +284,7 @@ class RankFileWriter:
             )
         if self._fill:
             self._flush()
+        self._wait_all()
         try:
             if self._spill_fd >= 0:
                 os.close(self._spill_fd)
@@ -265,12 +298,15 @@ class RankFileWriter:
             os.replace(self.partial, self.path)
         except OSError as e:
             raise _output_error(self.path, e, self.layout.size) from e
-        self._buf = None
+        self._bufs = [None] * len(self._bufs)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
         """Close and remove the temporary file (best effort: we may be unwinding from an error).
         Only once the lanes have stopped: the file's lane may still be using the descriptors."""
+        for k in range(len(self._in_flight)):  # writes still in flight use the descriptor
+            with contextlib.suppress(BaseException):
+                self._wait(k)
         for fd in (self.fd, self._spill_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -282,14 +318,16 @@ class RankFileWriter:
     # -- the in-order stream
 
     def _buffer(self) -> memoryview:
-        if self._buf is None:
-            self._buf = mmap.mmap(-1, self._buffer_bytes)  # page-aligned, as O_DIRECT needs
-        return memoryview(self._buf)
+        buf = self._bufs[self._cur]
+        if buf is None:
+            buf = self._bufs[self._cur] = mmap.mmap(-1, self._buffer_bytes)  # page-aligned, as O_DIRECT needs
+        return memoryview(buf)
 
     def _advance(self, n: int) -> None:
-        assert self._buf is not None
+        buf = self._bufs[self._cur]
+        assert buf is not None
         t0 = profiling.clock()
-        self._sha.update(memoryview(self._buf)[self._fill : self._fill + n])
+        self._sha.update(memoryview(buf)[self._fill : self._fill + n])
         profiling.current.add("hash", t0, n)
         self._fill += n
         self.front += n
@@ -346,16 +384,34 @@ class RankFileWriter:
                 raise OutputError(f"{self.partial}: shorter than written; was it changed meanwhile?")
 
     def _flush(self) -> None:
-        """Write the staged (and hashed) bytes at their place, in whole blocks."""
-        assert self._buf is not None
-        view = memoryview(self._buf)
+        """Write the staged (and hashed) bytes at their place, in whole blocks: now, or with a ring of
+        buffers by an I/O thread while the lane goes on filling the next buffer."""
+        buf = self._bufs[self._cur]
+        assert buf is not None
+        view = memoryview(buf)
         fill = self._fill
         length = -(-fill // ALIGN) * ALIGN  # the file's last block is padded, then truncated in finish
         if length > fill:
             view[fill:length] = bytes(length - fill)
-        self._write_block(view[:length], self._base)
+        if self._io is None:
+            self._write_block(view[:length], self._base)
+        else:
+            self._in_flight[self._cur] = self._io.submit(self._write_block, view[:length], self._base)
+            self._cur = (self._cur + 1) % len(self._bufs)
+            self._wait(self._cur)  # the next buffer's last write must be done before it is refilled
         self._base += fill
         self._fill = 0
+
+    def _wait(self, k: int) -> None:
+        pending, self._in_flight[k] = self._in_flight[k], None
+        if pending is not None:
+            t0 = profiling.clock()
+            pending.result()  # raises the write's error here, on the lane
+            profiling.current.add("write_wait", t0)
+
+    def _wait_all(self) -> None:
+        for k in range(len(self._in_flight)):
+            self._wait(k)
 
     def _write_block(self, view: memoryview, offset: int) -> None:
         t0 = profiling.clock()

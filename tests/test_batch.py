@@ -36,13 +36,13 @@ def files(out: Path) -> dict[str, bytes]:
 def read_log(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str, Any]]:
     """Every (file, tensor, chunk) the executor reads from the source."""
     log: Counter[tuple[str, str, Any]] = Counter()
-    real = SourceReader.read
+    real = SourceReader.read_bits
 
     def counted(self: SourceReader, info: Any, chunk: Any, into: Any = None) -> Any:
         log[(info.file.name, info.name, chunk)] += 1
         return real(self, info, chunk, into)
 
-    monkeypatch.setattr(SourceReader, "read", counted)
+    monkeypatch.setattr(SourceReader, "read_bits", counted)
     return log
 
 

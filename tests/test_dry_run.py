@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from moe_convert import convert, dry_run, plan
+from moe_convert import convert, dry_run, plan, writer
 from moe_convert.cli import convert_command, main
 from moe_convert.dryrun import BASE_MEMORY_BYTES, id_ranges
 from moe_convert.errors import MappingError
@@ -65,9 +65,12 @@ def test_8x22b_rank_table_fields(plan_8x22b: dict[str, Any]) -> None:
     assert doc["disk"]["needed_bytes"] > doc["total_bytes"] and doc["disk"]["free_bytes"] is None
     mem = doc["memory"]
     chunk = 64 * 2**20
-    # Two read buffers, a 4 MiB cast block per write thread, a 1 MiB staging buffer per rank file.
-    assert mem["workers"] == 2 and mem["staging_bytes"] == 8 * 2**20 and mem["cast_block_bytes"] == 4 * 2**20
-    assert mem["bound_bytes"] == BASE_MEMORY_BYTES + 2 * chunk + 2 * 4 * 2**20 + 8 * 2**20
+    # Two read buffers, a 4 MiB cast block per write thread, DEPTH staging buffers per rank file (1 x 1 MiB
+    # on small hosts, 2 x 4 MiB from 8 cores).
+    staging = 8 * writer.DEPTH * writer.staging_buffer_bytes(8)
+    assert staging in (8 * 2**20, 8 * 2 * 4 * 2**20)
+    assert mem["workers"] == 2 and mem["staging_bytes"] == staging and mem["cast_block_bytes"] == 4 * 2**20
+    assert mem["bound_bytes"] == BASE_MEMORY_BYTES + 2 * chunk + 2 * 4 * 2**20 + staging
 
 
 def test_dry_run_document_is_the_manifest_of_the_real_conversion(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -123,6 +126,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(reading_module.SourceReader, "__init__", boom)
     monkeypatch.setattr(reading_module.SourceReader, "read", boom)
+    monkeypatch.setattr(reading_module.SourceReader, "read_bits", boom)
     monkeypatch.setattr(reading_module.os, "preadv", boom)
     monkeypatch.setattr(execute_module, "execute_plans", boom)
     monkeypatch.setattr(convert_module, "execute_plans", boom)

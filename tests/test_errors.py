@@ -782,16 +782,16 @@ def test_cannot_write_rank_file(src: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def _hook_first_read(monkeypatch: pytest.MonkeyPatch, action: Callable[[Path], None]) -> list[Path]:
     """Run `action(file)` on the source file of the executor's first read, then read as usual."""
-    real = execute._SourceReader.read
+    real = execute._SourceReader.read_bits
     hit: list[Path] = []
 
-    def read(self: execute._SourceReader, info: Any, chunk: Any, into: Any = None) -> torch.Tensor:
+    def read(self: execute._SourceReader, info: Any, chunk: Any, into: Any = None) -> Any:
         if not hit:
             hit.append(info.file)
             action(info.file)
         return real(self, info, chunk, into)
 
-    monkeypatch.setattr(execute._SourceReader, "read", read)
+    monkeypatch.setattr(execute._SourceReader, "read_bits", read)
     return hit
 
 

@@ -14,6 +14,7 @@ import hashlib
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ from moe_convert.convert import convert
 from moe_convert.errors import OutputError
 from moe_convert.mapping import RankCoords
 from moe_convert.plan import Piece, PlannedTensor, RankPlan
-from moe_convert.writer import ALIGN, RankFileWriter, WriteThreads, layout_rank_file, staging_buffer_bytes
+from moe_convert.writer import (
+    ALIGN,
+    RankFileWriter,
+    WriteThreads,
+    layout_rank_file,
+    staging_buffer_bytes,
+    staging_defaults,
+)
 
 
 def rank_plan(sizes: list[int], gaps: set[int]) -> RankPlan:
@@ -41,8 +49,11 @@ def rank_plan(sizes: list[int], gaps: set[int]) -> RankPlan:
     return RankPlan(RankCoords(0, 0, 0, 0, 0), "rank0.safetensors", (0,), (0,), (0, 1), tuple(tensors))
 
 
-def new_writer(path: Path, plan: RankPlan, direct: bool, lane: int = 0) -> RankFileWriter:
-    return RankFileWriter(path, plan, lane, direct=direct, buffer_bytes=ALIGN)
+IO = ThreadPoolExecutor(4, thread_name_prefix="test-io")  # writes full staging buffers when depth > 1
+
+
+def new_writer(path: Path, plan: RankPlan, direct: bool, lane: int = 0, depth: int = 1) -> RankFileWriter:
+    return RankFileWriter(path, plan, lane, direct=direct, buffer_bytes=ALIGN, io=IO, depth=depth)
 
 
 def expected_file(plan: RankPlan, data: dict[int, bytes]) -> bytes:
@@ -79,10 +90,12 @@ def write_all(
     sizes=st.lists(st.integers(0, 3 * ALIGN + 5), min_size=1, max_size=8),
     seed=st.integers(0, 2**32 - 1),
     direct=st.booleans(),
+    depth=st.sampled_from([1, 2, 3]),
 )
 def test_any_arrival_order_gives_the_exact_file_and_sha256(
-    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], seed: int, direct: bool
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], seed: int, direct: bool, depth: int
 ) -> None:
+    """Also with several staging buffers per file, written by I/O threads while the next one fills."""
     rng = random.Random(seed)
     tmp = tmp_path_factory.mktemp("w")
     gaps = {i for i in range(len(sizes)) if rng.random() < 0.2}
@@ -94,7 +107,7 @@ def test_any_arrival_order_gives_the_exact_file_and_sha256(
     rng.shuffle(order)
     via_copy = frozenset(i for i in data if rng.random() < 0.5)
 
-    w = new_writer(tmp / "rank0.safetensors", plan, direct)
+    w = new_writer(tmp / "rank0.safetensors", plan, direct, depth=depth)
     write_all(w, plan, data, order, tmp / "source", via_copy)
     sha = w.finish()
 
@@ -183,23 +196,55 @@ def test_bytes_written_twice_or_missing_are_a_bug_not_a_file(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_while_writing_is_an_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_disk_full_while_writing_is_an_output_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    """With depth > 1 the write fails on an I/O thread: the lane raises it at its next wait or at finish."""
+
     def full(*args: Any) -> int:
+        time.sleep(0.001)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     plan = rank_plan([20 * ALIGN], gaps=set())
-    w = new_writer(tmp_path / "rank0.safetensors", plan, direct=True)
+    w = new_writer(tmp_path / "rank0.safetensors", plan, direct=True, depth=depth)
     monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OutputError, match="disk full"):
         w.write(layout_rank_file(plan).offsets["t0"], bytes(20 * ALIGN))
-    w.abort()
+        w.finish()
+    w.abort()  # waits for the writes still in flight before closing the file
     assert list(tmp_path.iterdir()) == []
 
 
-def test_staging_memory_is_bounded() -> None:
-    assert staging_buffer_bytes(8) == 2**20 and staging_buffer_bytes(512) == 512 * 2**10
+def test_writes_in_flight_finish_before_the_file_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """abort() after an error elsewhere: slow writes still in flight on I/O threads are waited for."""
+    real, done = os.pwrite, []
+
+    def slow(fd: int, data: Any, offset: int) -> int:
+        time.sleep(0.05)
+        n = real(fd, data, offset)  # EBADF here if the descriptor was closed under it
+        done.append(offset)
+        return n
+
+    plan = rank_plan([6 * ALIGN], gaps=set())
+    w = new_writer(tmp_path / "rank0.safetensors", plan, direct=False, depth=3)
+    monkeypatch.setattr(os, "pwrite", slow)
+    w.write(layout_rank_file(plan).offsets["t0"], bytes(3 * ALIGN))
+    w.abort()
+    assert len(done) == 3 and list(tmp_path.iterdir()) == []  # every write submitted had finished
+
+
+@pytest.mark.parametrize("cpus", [2, 16])
+def test_staging_memory_is_bounded(monkeypatch: pytest.MonkeyPatch, cpus: int) -> None:
+    depth, largest = staging_defaults(cpus)
+    monkeypatch.setattr(writer_module, "DEPTH", depth)
+    monkeypatch.setattr(writer_module, "_MAX_BUFFER", largest)
+    assert (depth, largest) == ((1, 2**20) if cpus == 2 else (2, 4 * 2**20))
+    assert staging_buffer_bytes(8) == largest and staging_buffer_bytes(512) == 2**20 // (2 * depth)
     # A huge pp x tp run: buffers shrink, the total stays bounded.
-    assert staging_buffer_bytes(4096) == 256 * 2**10 and 4096 * staging_buffer_bytes(4096) == 2**30
+    assert staging_buffer_bytes(4096) == 256 * 2**10 and 4096 * depth * staging_buffer_bytes(4096) <= depth * 2**30
+    for n in (1, 8, 64, 256):
+        assert n * depth * staging_buffer_bytes(n) <= 256 * 2**20
 
 
 # ---------------------------------------------------------------- through the whole conversion
@@ -272,5 +317,24 @@ def test_tiny_chunks_and_cast_blocks_give_the_same_files(
     kwargs: dict[str, Any] = {"tp_size": 4, "moe_tp_size": 2, "moe_ep_size": 2, "dtype": dtype}
     convert(tiny_checkpoint, tmp_path / "usual", **kwargs)
     monkeypatch.setattr(execute, "CAST_BLOCK_BYTES", 96)
+    threads = torch.get_num_threads()
     convert(tiny_checkpoint, tmp_path / "small", chunk_bytes=1000, workers=3, **kwargs)
     assert rank_files(tmp_path / "small") == rank_files(tmp_path / "usual")
+    assert torch.get_num_threads() == threads  # casts ran on one torch thread each, then it was restored
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_staging_depth_gives_the_same_files(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
+) -> None:
+    """Several page-sized staging buffers per file, written by I/O threads: the same bytes as one buffer."""
+    kwargs: dict[str, Any] = {"tp_size": 4, "moe_tp_size": 2, "moe_ep_size": 2, "dtype": "bfloat16"}
+    monkeypatch.setattr(writer_module, "DEPTH", 1)
+    one = convert(tiny_checkpoint, tmp_path / "one", **kwargs)
+    monkeypatch.setattr(writer_module, "DEPTH", depth)
+    monkeypatch.setattr(writer_module, "_MAX_BUFFER", ALIGN)
+    monkeypatch.setattr(writer_module, "_MIN_BUFFER", ALIGN)
+    assert writer_module.io_thread_count(4) == 4 * (depth - 1)
+    many = convert(tiny_checkpoint, tmp_path / "many", workers=3, **kwargs)
+    assert rank_files(tmp_path / "many") == rank_files(tmp_path / "one")
+    assert [r.sha256 for r in many.ranks] == [r.sha256 for r in one.ranks]
