@@ -1,9 +1,9 @@
-"""Benchmark checkpoint conversion against `cp -r` and a naive load-everything converter.
+"""Benchmark checkpoint conversion against `cp -r`, `dd oflag=direct` and a naive load-everything converter.
 
-Builds full-width synthetic Mixtral checkpoints (the shapes of a real config.json, but only 1 and 2
-decoder layers, bf16 random values, shards of at most 4.9 GB plus `model.safetensors.index.json`,
-HF tensor names), caches them under the work dir, then times, alternating round-robin in one
-invocation:
+Builds full-width synthetic Mixtral checkpoints (the shapes of a real config.json, by default
+configs/mixtral-8x7b-v0.1.config.json, but only 1 and 2 decoder layers, bf16 random values, shards of at
+most 4.9 GB plus `model.safetensors.index.json`, HF tensor names), caches them under the work dir, then
+times, alternating round-robin in one invocation:
 
 * `cp -r SRC OUT` -- the baseline: the same bytes copied through the page cache,
 * our converter (`python convert_checkpoint.py --model_dir SRC --output_dir OUT --force --quiet ...`),
@@ -13,17 +13,25 @@ for the mappings tp4/moe_tp2/moe_ep2, tp8/moe_ep8 and tp8 (default MoE split). E
 to its own output dir, deleted (untimed) before each run. A run's time is the command plus a `sync`
 right after it (our converter fsyncs its files, cp and the naive one leave dirty pages; `--no_sync`
 times the command alone); a `sync` before each run starts it clean. Peak memory is the largest
-RssAnon summed over the command's process tree, polled from /proc every ~20 ms. The page cache
-cannot be dropped here, so each command runs `--warmup` times (default 1, untimed) before the timed
-rounds: the numbers are warm-cache numbers (the sources fit in RAM).
+RssAnon summed over the command's process tree, polled from /proc every ~20 ms, as is the time to
+the first output byte (a file in the output dir with data on disk). The page cache cannot be dropped
+here, so each command runs `--warmup` times (default 1, untimed) before the timed rounds: the numbers
+are warm-cache numbers (the sources fit in RAM).
+
+The disk's own write speed is measured before and after the runs with `dd if=/dev/zero oflag=direct`
+(+ `sync`) into the work dir: one stream with 16 MB blocks, and as many streams as the widest mapping
+writes rank files; our GB/s (bytes out over the median time) is reported against the faster of the two.
 
 Run from the repository root:
 
     python benchmarks/bench_convert.py --repeat 3 --json_out bench-work/results.json
+    python benchmarks/bench_convert.py --host big    # 16+ cores: 4 layers, tp8/moe_ep8 and
+                                                     # tp4/moe_tp2/moe_ep2, no naive, 3 timed rounds
 
 Options: --layers 1,2  --mappings tp4_moetp2_moeep2,tp8_moeep8,tp8  --repeat N  --warmup N
 --work_dir DIR  --keep  --converter CMD  --convert_args "--workers 2"  --naive CMD  --naive_args ARGS
---skip_naive  --json_out FILE  --config FILE  --max_shard_gb 4.9  --no_sync  --seed N  --generate_only.
+--skip_naive  --json_out FILE  --config FILE  --max_shard_gb 4.9  --no_sync  --seed N  --generate_only
+--dd_gb 4 (0: no dd)  --host small|big.
 
 Quick plumbing check with a tiny config (e.g. hidden 256, intermediate 512, vocab 1000, 8 experts,
 8 heads, 8 kv heads) instead of generating 6 GB; `--converter` swaps in another command prefix:
@@ -295,6 +303,7 @@ class RunResult:
     peak_anon_mb: float
     bytes_out: int
     returncode: int
+    first_byte_s: float  # when a file in the output dir first had data on disk (NaN: never seen)
 
 
 def dir_bytes(path: Path) -> int:
@@ -303,12 +312,21 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def has_data(out_dir: Path) -> bool:
+    try:
+        return any(e.is_file() and e.stat().st_size > 0 for e in os.scandir(out_dir))
+    except OSError:  # not there yet, or a file renamed between listing and stat
+        return False
+
+
 def run_measured(argv: list[str], out_dir: Path, log_path: Path, count_sync: bool) -> RunResult:
     """Run `argv` from the repo root, timing it (plus the `sync` after it, if `count_sync`) and polling
-    its process tree's anonymous RSS. The sync matters: our converter fsyncs its outputs, cp does not."""
+    its process tree's anonymous RSS and when its first output byte is on disk. The sync matters: our
+    converter fsyncs its outputs, cp does not."""
     shutil.rmtree(out_dir, ignore_errors=True)
     os.sync()  # start from a clean slate: no dirty pages left over from the previous run
     peak_kb = 0
+    first_byte = float("nan")
     stop = threading.Event()
 
     with log_path.open("wb") as log_file:
@@ -316,9 +334,11 @@ def run_measured(argv: list[str], out_dir: Path, log_path: Path, count_sync: boo
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
 
         def poll() -> None:
-            nonlocal peak_kb
+            nonlocal peak_kb, first_byte
             while not stop.is_set():
                 peak_kb = max(peak_kb, tree_rss_anon_kb(proc.pid))
+                if first_byte != first_byte and has_data(out_dir):
+                    first_byte = time.perf_counter() - t0
                 stop.wait(POLL_INTERVAL_S)
 
         poller = threading.Thread(target=poll, daemon=True)
@@ -333,7 +353,7 @@ def run_measured(argv: list[str], out_dir: Path, log_path: Path, count_sync: boo
     sync_seconds = time.perf_counter() - t1
     bytes_out = dir_bytes(out_dir) if out_dir.exists() else 0
     seconds = command_seconds + sync_seconds if count_sync else command_seconds
-    return RunResult(seconds, command_seconds, sync_seconds, peak_kb / 1024, bytes_out, proc.returncode)
+    return RunResult(seconds, command_seconds, sync_seconds, peak_kb / 1024, bytes_out, proc.returncode, first_byte)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,13 +412,62 @@ def run_round_robin(ckpt: Checkpoint, cmds: list[Command], args: argparse.Namesp
             status = "ok" if res.returncode == 0 else f"FAILED rc={res.returncode}, see {logs / name}.log"
             log(
                 f"[{ckpt.layers}L {phase} {i + 1}] {cmd.label:30s} {res.command_seconds:7.2f} s "
-                f"+ sync {res.sync_seconds:5.2f} s  "
+                f"+ sync {res.sync_seconds:5.2f} s  first byte {res.first_byte_s:5.2f} s  "
                 f"peak anon {res.peak_anon_mb:8.0f} MB  out {human_bytes(res.bytes_out):>9s}  {status}"
             )
             if phase == "timed":
                 cmd.runs.append(res)
             if not args.keep or (phase, i) != rounds[-1]:
                 shutil.rmtree(cmd.out_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The disk's own write speed
+
+
+@dataclass
+class DiskSpeed:
+    label: str
+    streams: int
+    block: int
+    gb_per_s: list[float] = field(default_factory=list)  # one per measurement
+
+
+def dd_variants(streams: int) -> list[DiskSpeed]:
+    """One `dd` with large blocks, and as many in parallel as the most rank files a mapping writes."""
+    return [DiskSpeed("1 stream, bs=16M", 1, 16 << 20), DiskSpeed(f"{streams} streams, bs=4M", streams, 4 << 20)]
+
+
+def measure_dd(work_dir: Path, disk: DiskSpeed, total_bytes: int) -> float:
+    """GB/s of `dd if=/dev/zero oflag=direct` into `work_dir` (the streams' files together, + a `sync`)."""
+    count = max(1, total_bytes // (disk.streams * disk.block))
+    files = [work_dir / f"dd-{k}" for k in range(disk.streams)]
+    os.sync()
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["dd", "if=/dev/zero", f"of={f}", f"bs={disk.block}", f"count={count}", "oflag=direct", "status=none"],
+            stderr=subprocess.PIPE,
+        )
+        for f in files
+    ]
+    errors = [p.communicate()[1].decode().strip() for p in procs if p.wait() != 0]
+    os.sync()
+    seconds = time.perf_counter() - t0
+    written = sum(f.stat().st_size for f in files if f.exists())
+    for f in files:
+        f.unlink(missing_ok=True)
+    if errors:
+        log(f"dd {disk.label} failed: {errors[0]}")
+        return float("nan")
+    speed = written / seconds / 1e9
+    log(f"dd oflag=direct, {disk.label}: {written / 1e9:.2f} GB in {seconds:.2f} s = {speed:.2f} GB/s")
+    return speed
+
+
+def best_dd(disks: list[DiskSpeed]) -> float:
+    medians = [statistics.median(d.gb_per_s) for d in disks if d.gb_per_s]
+    return max((m for m in medians if m == m), default=float("nan"))
 
 
 @dataclass
@@ -412,13 +481,17 @@ class Row:
     bytes_in: int
     bytes_out: int
     median_s: float
+    spread_s: tuple[float, float]  # fastest and slowest timed run
     ratio_vs_cp: float  # t / (t_cp * bytes_out / bytes_in)
+    gb_per_s: float  # bytes_out / median_s
+    vs_dd: float  # gb_per_s over the best dd oflag=direct speed
+    first_byte_s: float  # median
     peak_anon_mb: float  # max over the timed runs
     failed_runs: int
     runs: list[RunResult]
 
 
-def summarize(model: str, ckpt: Checkpoint, cmds: list[Command]) -> list[Row]:
+def summarize(model: str, ckpt: Checkpoint, cmds: list[Command], dd_gb_per_s: float) -> list[Row]:
     nan = float("nan")
     cp_ok = [r.seconds for r in cmds[0].runs if r.returncode == 0]
     t_cp = statistics.median(cp_ok) if cp_ok else nan
@@ -428,6 +501,8 @@ def summarize(model: str, ckpt: Checkpoint, cmds: list[Command]) -> list[Row]:
         median = statistics.median(r.seconds for r in ok) if ok else nan
         bytes_out = max((r.bytes_out for r in ok), default=0)
         scaled_cp = t_cp * bytes_out / ckpt.bytes
+        first = [r.first_byte_s for r in ok if r.first_byte_s == r.first_byte_s]
+        rate = bytes_out / median / 1e9 if ok and median > 0 else nan
         rows.append(
             Row(
                 model=model,
@@ -439,7 +514,11 @@ def summarize(model: str, ckpt: Checkpoint, cmds: list[Command]) -> list[Row]:
                 bytes_in=ckpt.bytes,
                 bytes_out=bytes_out,
                 median_s=median,
+                spread_s=(min((r.seconds for r in ok), default=nan), max((r.seconds for r in ok), default=nan)),
                 ratio_vs_cp=median / scaled_cp if ok and scaled_cp > 0 else nan,
+                gb_per_s=rate,
+                vs_dd=rate / dd_gb_per_s if dd_gb_per_s > 0 else nan,
+                first_byte_s=statistics.median(first) if first else nan,
                 peak_anon_mb=max((r.peak_anon_mb for r in ok), default=nan),
                 failed_runs=len(cmd.runs) - len(ok),
                 runs=cmd.runs,
@@ -452,17 +531,27 @@ def human_bytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def markdown_tables(rows: list[Row], repeat: int) -> str:
-    lines = [
-        f"| model | command | bytes in | bytes out | seconds (median of {repeat}) "
-        "| t / (t_cp * out/in) | peak anon MB |",
-        "|---|---|--:|--:|--:|--:|--:|",
+def markdown_tables(rows: list[Row], repeat: int, disks: list[DiskSpeed]) -> str:
+    lines = []
+    if disks:
+        speeds = "; ".join(
+            f"{d.label}: {statistics.median(d.gb_per_s):.2f} GB/s ({' '.join(f'{v:.2f}' for v in d.gb_per_s)})"
+            for d in disks
+            if d.gb_per_s
+        )
+        lines += [f"`dd if=/dev/zero oflag=direct` + `sync` on the same disk (median, then each): {speeds}.", ""]
+    lines += [
+        f"| model | command | bytes in | bytes out | seconds (median of {repeat}) | fastest-slowest "
+        "| first byte s | t / (t_cp * out/in) | GB/s out | / dd | peak anon MB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         failed = f" ({r.failed_runs} failed)" if r.failed_runs else ""
         lines.append(
             f"| {r.model} ({r.layers}L) | `{r.label}`{failed} | {human_bytes(r.bytes_in)} "
-            f"| {human_bytes(r.bytes_out)} | {r.median_s:.2f} | {r.ratio_vs_cp:.2f} | {r.peak_anon_mb:.0f} |"
+            f"| {human_bytes(r.bytes_out)} | {r.median_s:.2f} | {r.spread_s[0]:.2f}-{r.spread_s[1]:.2f} "
+            f"| {r.first_byte_s:.2f} | {r.ratio_vs_cp:.2f} | {r.gb_per_s:.2f} | {r.vs_dd:.2f} "
+            f"| {r.peak_anon_mb:.0f} |"
         )
     one_layer = {r.label: r for r in rows if r.layers == 1}
     scaling = [(one_layer[r.label], r) for r in rows if r.layers == 2 and r.kind != "cp" and r.label in one_layer]
@@ -510,7 +599,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no_sync", action="store_true", help="time the command alone, not command + `sync` of its output")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     ap.add_argument("--generate_only", action="store_true", help="build/check the cached checkpoints and exit")
+    ap.add_argument("--dd_gb", type=float, default=4.0, help="GB each dd measurement writes (0: no dd)")
+    ap.add_argument(
+        "--host",
+        choices=["small", "big"],
+        default="small",
+        help="big: 4 layers, tp8_moeep8 and tp4_moetp2_moeep2, no naive converter, at least 3 timed rounds",
+    )
     args = ap.parse_args(argv)
+    if args.host == "big":
+        args.layers, args.mappings, args.skip_naive = "4", "tp8_moeep8,tp4_moetp2_moeep2", True
+        args.repeat = max(args.repeat, 3)
     args.layers = [int(x) for x in args.layers.split(",") if x.strip()]
     args.mappings = [m.strip() for m in args.mappings.split(",") if m.strip()]
     if unknown := [m for m in args.mappings if m not in MAPPINGS]:
@@ -531,17 +630,23 @@ def main(argv: list[str] | None = None) -> None:
 
     model = args.config.name.removesuffix(".json").removesuffix(".config")  # shapes' source, for the table
     rows: list[Row] = []
+    streams = max(int(m[m.index("--tp_size") + 1]) for m in (MAPPINGS[k][1] for k in args.mappings))
+    disks = dd_variants(streams) if args.dd_gb > 0 else []
     for layers in args.layers:
         ckpt = ensure_checkpoint(base_config, layers, work_dir, max_shard_bytes, args.seed)
         if args.generate_only:
             continue
         cmds = build_commands(ckpt, args, out_root)
+        for d in disks:  # the disk's speed before and after the runs: it drifts within minutes
+            d.gb_per_s.append(measure_dd(work_dir, d, int(args.dd_gb * 1e9)))
         run_round_robin(ckpt, cmds, args, logs)
-        rows += summarize(model, ckpt, cmds)
+        for d in disks:
+            d.gb_per_s.append(measure_dd(work_dir, d, int(args.dd_gb * 1e9)))
+        rows += summarize(model, ckpt, cmds, best_dd(disks))
     if args.generate_only:
         return
 
-    table = markdown_tables(rows, args.repeat)
+    table = markdown_tables(rows, args.repeat, disks)
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     mem_total_kb = next(int(ln.split()[1]) for ln in meminfo if ln.startswith("MemTotal:"))
     print(
@@ -561,6 +666,7 @@ def main(argv: list[str] | None = None) -> None:
             "kernel": platform.release(),
         },
         "settings": vars(args),
+        "dd": [asdict(d) for d in disks],
         "results": [asdict(r) for r in rows],
         "markdown": table,
     }
