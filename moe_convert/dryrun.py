@@ -282,7 +282,7 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     The main thread reads chunks of at most `chunk_bytes` into one of READ_BUFFERS (2) reused buffers;
     each write thread slices and casts its pieces from them a block (4 MiB of output) at a time; every
     rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
-    hosts) or 4 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
+    hosts) or 8 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
     their rank files count together. Nothing else grows with the model. So:
 
         bound = base + 2 * chunk_bytes + write_threads * block + rank_files * depth * staging_buffer

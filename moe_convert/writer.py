@@ -1,11 +1,12 @@
 """Streaming safetensors writer: the header comes from the plan, then each rank file fills front to back.
 
 safetensors' own writers need every tensor in memory at once; a rank file of a real model is tens of GB.
-We lay each rank file out from the plan and stream its bytes in file order through one page-aligned
-staging buffer per file. Each file belongs to one write thread (its lane), which does all its work in
-order: reads source bytes into the buffer a megabyte at a time and hashes them while they are still in
-the CPU cache (sha256 is sequential within a file, so files, not bytes, are what runs in parallel), and
-writes each full buffer with O_DIRECT, past the page cache. On the 2-core benchmark VM a buffered write
+We lay each rank file out from the plan and stream its bytes in file order through page-aligned staging
+buffers. Each file belongs to one write thread (its lane), which does all its work in order: reads source
+bytes into the buffer a megabyte at a time and hashes them while they are still in the CPU cache (sha256
+is sequential within a file, so files, not bytes, are what runs in parallel), and writes each full
+buffer with O_DIRECT, past the page cache; from 8 cores each file has two buffers, and an I/O thread
+writes the full one while the lane fills the other (see staging_defaults). On the 2-core VM a buffered write
 costs ~1.8 CPU-seconds per GB in the kernel against ~0.1 with O_DIRECT (dd of 8.4 GB: 15.2 s vs 4.6 s,
 measured), and 300 GB of dirty pages would push everything else out of memory.
 
@@ -53,12 +54,13 @@ def staging_defaults(cpus: int) -> tuple[int, int]:
 
     DEPTH is the number of staging buffers per rank file: with two, an I/O thread writes the full one
     while the lane hashes and fills the other. On a 16-core host with a virtual disk (4-layer 8x7B,
-    benchmarks/profile_convert.py) each lane otherwise waited for its own 1 MB write: with depth 2 and
-    4 MB buffers tp4/moe_tp2/moe_ep2 took 6.2 s instead of 8.4 s and tp8/moe_ep8 6.6-7.1 s instead of
-    7.4-12.0 s, at the disk's parallel write speed. On 2 cores the lanes are busy hashing, so there is
-    no idle wait to overlap: an I/O thread per lane and 8 MB buffers both measured no faster there.
+    benchmarks/profile_convert.py) each lane otherwise hashed, then waited for its own 1 MB write: with
+    depth 2 and 4 MB buffers tp4/moe_tp2/moe_ep2 took 6.2 s instead of 7.8 s; 8 MB buffers were another
+    6-12% faster than 4 MB there (that disk, like dd, writes larger blocks faster). On 2 cores the lanes
+    are busy hashing, with no idle wait to overlap: an I/O thread per lane and 8 MB buffers both measured
+    no faster there, so small hosts keep one 1 MB buffer.
     """
-    return (2, 4 * 2**20) if cpus >= 8 else (1, 2**20)
+    return (2, 8 * 2**20) if cpus >= 8 else (1, 2**20)
 
 
 DEPTH, _MAX_BUFFER = staging_defaults(os.cpu_count() or 1)
