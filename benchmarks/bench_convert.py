@@ -31,7 +31,8 @@ Run from the repository root:
 Options: --layers 1,2  --mappings tp4_moetp2_moeep2,tp8_moeep8,tp8  --repeat N  --warmup N
 --work_dir DIR  --keep  --converter CMD  --convert_args "--workers 2"  --naive CMD  --naive_args ARGS
 --skip_naive  --json_out FILE  --config FILE  --max_shard_gb 4.9  --no_sync  --seed N  --generate_only
---dd_gb 4 (0: no dd)  --host small|big.
+--dd_gb 4 (0: no dd)  --host small|big  --compare LABEL=CMD (another converter, e.g. an older checkout,
+alternating with ours: A/B in one invocation).
 
 Quick plumbing check with a tiny config (e.g. hidden 256, intermediate 512, vocab 1000, 8 experts,
 8 heads, 8 kv heads) instead of generating 6 GB; `--converter` swaps in another command prefix:
@@ -385,11 +386,14 @@ def build_commands(ckpt: Checkpoint, args: argparse.Namespace, out_root: Path) -
     src = str(ckpt.path)
     tag = f"{ckpt.layers}L"
     cmds = [Command("cp", "", "cp -r", ["cp", "-r", src, str(out_root / f"{tag}-cp")], out_root / f"{tag}-cp")]
+    converters = [("ours", args.converter)] + [tuple(c.split("=", 1)) for c in args.compare]
     for key in args.mappings:
         label, margs = MAPPINGS[key]
-        out = out_root / f"{tag}-ours-{key}"
-        argv = [*launcher(args.converter), "--model_dir", src, "--output_dir", str(out), "--force", "--quiet"]
-        cmds.append(Command("ours", key, f"ours {label}", argv + margs + shlex.split(args.convert_args), out))
+        for name, command in converters:
+            out = out_root / f"{tag}-{name}-{key}"
+            argv = [*launcher(command), "--model_dir", src, "--output_dir", str(out), "--force", "--quiet"]
+            argv += margs + shlex.split(args.convert_args)
+            cmds.append(Command("ours", key, f"{name} {label}", argv, out))
     if not args.skip_naive:
         for key in args.mappings:
             label, margs = MAPPINGS[key]
@@ -590,6 +594,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work_dir", type=Path, default=Path("bench-work"), help="cache + outputs (./bench-work)")
     ap.add_argument("--keep", action="store_true", help="keep the last round's output directories")
     ap.add_argument("--converter", default="python convert_checkpoint.py", help="our converter's command")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=CMD",
+        help="another converter run alternating with ours, e.g. old='python /tmp/old/convert_checkpoint.py'",
+    )
     ap.add_argument("--convert_args", default="", help="extra arguments for our converter, e.g. '--workers 2'")
     ap.add_argument("--naive", default="python benchmarks/naive_convert.py", help="the naive converter's command")
     ap.add_argument("--naive_args", default="", help="extra arguments for the naive converter")
@@ -612,6 +623,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeat = max(args.repeat, 3)
     args.layers = [int(x) for x in args.layers.split(",") if x.strip()]
     args.mappings = [m.strip() for m in args.mappings.split(",") if m.strip()]
+    if bad := [c for c in args.compare if "=" not in c or c.startswith(("ours=", "cp=", "naive="))]:
+        ap.error(f"--compare takes LABEL=COMMAND with a label other than ours, cp, naive: {bad}")
     if unknown := [m for m in args.mappings if m not in MAPPINGS]:
         ap.error(f"unknown mapping(s) {unknown}; choose from {list(MAPPINGS)}")
     if args.repeat < 1 or args.warmup < 0 or not args.layers or min(args.layers) < 1:
