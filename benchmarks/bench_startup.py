@@ -112,6 +112,7 @@ def main() -> None:
         values = [r[k] for r in runs]
         print(f"  {what:20s} {statistics.median(values):6.2f} s   ({' '.join(f'{v:.2f}' for v in values)})")
     if args.no_profile:
+        shutil.rmtree(out, ignore_errors=True)
         return
     print("\nimports (cumulative seconds of each package, where it was first imported):")
     for seconds, name in import_breakdown(argv, out, args.top):
