@@ -1,0 +1,309 @@
+"""Weight-only INT8 / INT4 quantization (W8A16 / W4A16), byte-identical to TensorRT-LLM's CPU op.
+
+What `torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix` writes for a given GPU arch (contract:
+`trtllm-weight-only.md`), computed from a stream of rows in bounded memory.
+
+Orientation. We work on a rank tensor as the planner lays it out: row-major `[N, K]` (out x in features,
+e.g. qkv `[Nqkv_r, H]`, dense `[H, H/tp]`) or `[E, N, K]` per expert (fc `[E, 2*I_r, H]`, proj
+`[E, H, I_r]`). TensorRT-LLM quantizes the transpose, the op input `[K, N]`, column by column, so one of
+our rows is one of its columns: the scale is per row, and every step of its preprocessing (a permutation
+of K inside each column, the transpose, interleaving `group` neighbouring columns, a bias and a byte or
+nibble reorder inside 32-bit words) stays inside a group of rows. Rows `[r, r + n)` with `r` and `n`
+multiples of the group are therefore bytes `[r * row_bytes, (r + n) * row_bytes)` of the stored tensor,
+and an expert boundary is a group boundary: a `[E, N, K]` tensor is just `E*N` rows. The executor can
+hand over any block of whole groups, in any order, and write the result at its offset.
+
+The stored weight keeps TensorRT-LLM's shape, `[K, N*b/8]` (or `[E, K, N*b/8]`, int8 dtype), although its
+bytes are in the processed order; `per_channel_scale` is `[N]` (or `[E, N]`) in the model dtype.
+
+This module imports torch only where tensors are touched, so plans and dry runs can use the shapes alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = {"int8": 8, "int4": 4}
+# Compute capabilities TensorRT-LLM's preprocessor takes (getLayoutDetailsForTransform: 75-89 share one layout,
+# 90 has its own; anything else is "Unsupported Arch").
+ARCHS = (75, 80, 86, 87, 89, 90)
+QUANT_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
+# Rows of the planned tensor (op-input columns) whose bytes interleave: 128-byte cache line / 64-row K tile.
+_INTERLEAVE = {8: 2, 4: 4}
+# Elements per row a block is processed in at a time, so temporaries stay in the CPU cache.
+_SUB_BLOCK_ELEMENTS = 1 << 17
+
+
+class Layout(enum.Enum):
+    """How the quantized bytes are arranged for the mixed-precision GEMM."""
+
+    INTERLEAVED = "interleaved"  # sm75-sm89, and every 3-D (MoE) tensor: permuted, interleaved, biased
+    COLUMN_MAJOR = "column_major"  # sm90 2-D: the plain transpose of the signed values
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """The user's choice: precision and target GPU arch (compute capability as an int, e.g. 80, 90)."""
+
+    precision: str = "int8"
+    arch: int = 80
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(
+                f"--weight_only_precision {self.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
+            )
+        if self.arch not in ARCHS:
+            raise UsageError(
+                f"--weight_only_arch {self.arch} is not an arch TensorRT-LLM's weight-only kernels take; "
+                f"use one of {', '.join(map(str, ARCHS))}"
+            )
+
+    @property
+    def bits(self) -> int:
+        return PRECISIONS[self.precision]
+
+    @property
+    def quant_algo(self) -> str:
+        """config.json's `quantization.quant_algo`."""
+        return QUANT_ALGOS[self.precision]
+
+    def layout(self, ndim: int) -> Layout:
+        """MoE (3-D) tensors always get the sm80 layout: TensorRT-LLM has no Hopper MoE kernel for them
+        (`force_interleave`)."""
+        return Layout.COLUMN_MAJOR if self.arch == 90 and ndim == 2 else Layout.INTERLEAVED
+
+    def check(self, name: str, shape: tuple[int, ...]) -> list[str]:
+        """Problems (one line each, with the numbers) that stop TensorRT-LLM's kernels taking this tensor.
+
+        `shape` is the planned, row-major shape `[N, K]` or `[E, N, K]`. Empty means it is fine.
+        """
+        if len(shape) not in (2, 3) or any(d < 1 for d in shape):
+            return [f"{name}: weight-only quantization needs a non-empty 2-D or 3-D weight, got shape {list(shape)}"]
+        n, k = shape[-2], shape[-1]
+        layout = self.layout(len(shape))
+        # The transpose moves 32-byte vectors (so K and N must fill them); the interleaved layout also
+        # permutes K in 64-row tiles. N % 8 (the MMA's N) is implied by the 32-byte rule.
+        k_step = 64 if layout is Layout.INTERLEAVED else 256 // self.bits
+        n_step = 256 // self.bits
+        why = f"{self.precision} at sm{self.arch}" + (" (MoE weights use the sm80 layout)" if len(shape) == 3 else "")
+        problems = []
+        if k % k_step:
+            problems.append(
+                f"{name}: in_features {k} is not a multiple of {k_step}, which {why} needs; "
+                f"the weight (planned shape {list(shape)}) cannot be weight-only quantized"
+            )
+        if n % n_step:
+            problems.append(
+                f"{name}: out_features {n} is not a multiple of {n_step}, which {why} needs; "
+                f"the weight (planned shape {list(shape)}) cannot be weight-only quantized"
+            )
+        return problems
+
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: str) -> QuantizedTensor:
+        """The stored form of a planned weight `name` of `shape` (`[N, K]` or `[E, N, K]`) and model dtype
+        code `dtype` (e.g. "BF16"). Raises UsageError if the kernels cannot take the shape."""
+        problems = self.check(name, shape)
+        if problems:
+            raise UsageError("; ".join(problems), problems)
+        return QuantizedTensor(name, tuple(shape), dtype, self.precision, self.layout(len(shape)))
+
+
+def scale_name(weight_name: str) -> str:
+    """`...mlp.fc.weight` -> `...mlp.fc.per_channel_scale`."""
+    base = weight_name.removesuffix(".weight")
+    return f"{base}.per_channel_scale"
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One planned weight under a weight-only scheme: its stored shapes and how to compute its bytes."""
+
+    name: str
+    shape: tuple[int, ...]  # planned, row-major: [N, K] or [E, N, K]
+    dtype: str  # model dtype code of the rows fed in and of the scales, e.g. "BF16"
+    precision: str
+    layout: Layout
+
+    @property
+    def bits(self) -> int:
+        return PRECISIONS[self.precision]
+
+    @property
+    def rows(self) -> int:
+        """Rows of the planned tensor (experts flattened): the scales, and the unit of streaming."""
+        return math.prod(self.shape[:-1])
+
+    @property
+    def row_bytes(self) -> int:
+        """Stored bytes per planned row."""
+        return self.shape[-1] * self.bits // 8
+
+    @property
+    def group(self) -> int:
+        """Rows that must be processed together; blocks start and end on multiples of this."""
+        return _INTERLEAVE[self.bits] if self.layout is Layout.INTERLEAVED else 1
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """TensorRT-LLM's stored shape: the op input's `[K, N*b/8]` (per expert)."""
+        *lead, n, k = self.shape
+        return (*lead, k, n * self.bits // 8)
+
+    weight_dtype = "I8"
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @property
+    def scale_name(self) -> str:
+        return scale_name(self.name)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return self.shape[:-1]
+
+    def quantize_rows(
+        self, rows_RK: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize and preprocess a block of whole planned rows.
+
+        Args:
+            rows_RK: `[R, K]` rows of the planned tensor, in the model dtype, R a multiple of `group`.
+            out: optional uint8 buffer of `R * row_bytes` elements to write the bytes into.
+
+        Returns the block's stored bytes (uint8, `R * row_bytes`, to be written at `first_row * row_bytes`)
+        and its scales (`[R]`, model dtype).
+        """
+        import torch
+
+        from .header import DTYPES
+
+        r, k = rows_RK.shape
+        if k != self.shape[-1] or r % self.group:
+            raise ValueError(
+                f"{self.name}: a block must be whole rows of {self.shape[-1]} elements, a multiple of {self.group} "
+                f"rows; got {list(rows_RK.shape)}"
+            )
+        dtype = DTYPES[self.dtype]
+        if rows_RK.dtype != dtype:
+            raise ValueError(f"{self.name}: rows must be {dtype} (the model dtype), got {rows_RK.dtype}")
+        if out is None:
+            out = torch.empty(r * self.row_bytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() != r * self.row_bytes:
+            raise ValueError(f"{self.name}: out must be {r * self.row_bytes} uint8 elements for {r} rows")
+        scales = torch.empty(r, dtype=dtype)
+        step = max(self.group, _SUB_BLOCK_ELEMENTS // k // self.group * self.group)
+        for r0 in range(0, r, step):
+            r1 = min(r, r0 + step)
+            _quantize_block(rows_RK[r0:r1], self, out[r0 * self.row_bytes : r1 * self.row_bytes], scales[r0:r1])
+        return out, scales
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole tensor at once (tests, small tensors): stored weight (int8, `weight_shape`) and scales."""
+        import torch
+
+        data, scales = self.quantize_rows(w.reshape(self.rows, self.shape[-1]))
+        return data.view(torch.int8).view(self.weight_shape), scales.view(self.scale_shape)
+
+    def unpack(self, weight: torch.Tensor) -> torch.Tensor:
+        """The signed quantized values `[.., N, K]` (int8) of stored bytes: the preprocessing undone."""
+        import torch
+
+        data = weight.reshape(-1).view(torch.uint8)
+        if data.numel() != self.weight_nbytes:
+            raise ValueError(f"{self.name}: expected {self.weight_nbytes} bytes, got {data.numel()}")
+        biased = self.layout is Layout.INTERLEAVED
+        if self.bits == 4:
+            nibbles = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(-1).to(torch.int8)
+            q = nibbles - 8 if biased else torch.where(nibbles >= 8, nibbles - 16, nibbles)
+        else:
+            q = data.view(torch.int8) ^ -128 if biased else data.view(torch.int8)  # the +128 bias flips the top bit
+        view_shape, permutation = _element_order(self.rows, self.shape[-1], self.bits, self.layout)
+        inverse = [permutation.index(i) for i in range(len(permutation))]
+        permuted_shape = [view_shape[p] for p in permutation]
+        rows_NK = q.view(permuted_shape).permute(inverse).reshape(self.rows, self.shape[-1])
+        return rows_NK.reshape(self.shape)
+
+    def dequantize(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """float32 `[.., N, K]`: the signed values times the stored (model-dtype) scales, as the GEMM sees them."""
+        import torch
+
+        q = self.unpack(weight).to(torch.float32)
+        return q * scales.reshape(*self.shape[:-1], 1).to(torch.float32)
+
+
+def _element_order(rows: int, k: int, bits: int, layout: Layout) -> tuple[list[int], list[int]]:
+    """A view shape of `[rows, K]` and the axis permutation that puts its elements in stored order.
+
+    Interleaved layout, with j the row inside its group, T the 64-wide K tile, and K inside a tile split as
+    int8: k = 16g + 8c + 2d + b; int4: k = 32g + 8a + 2d + b. TensorRT-LLM's steps, as axis moves:
+    the row permutation of K (int8 0 1 8 9 2 3 10 11 ..., int4 0 1 8 9 16 17 24 25 2 3 ...) swaps c/a and d;
+    the column interleave moves T before j; the int8 byte swap 1<->2 inside each 4 bytes swaps b and c;
+    the int4 nibble order [0 2 4 6 1 3 5 7] inside each 32-bit word swaps b and a. Result: (T, j, g, d, b, c|a).
+    """
+    if layout is Layout.COLUMN_MAJOR:
+        return [rows, k], [0, 1]
+    group = _INTERLEAVE[bits]
+    tile = [4, 2, 4, 2] if bits == 8 else [2, 4, 4, 2]
+    return [rows // group, group, k // 64, *tile], [0, 2, 1, 3, 5, 6, 4]
+
+
+# nextafter(0.5, 0) in float32: trunc(x + copysign(HALF_DOWN, x)) rounds half away from zero exactly for every
+# float32 |x| < 2**23 (x + 0.5 would round 0.49999997 up to 1); tests check it against an exact formulation.
+_HALF_DOWN = 0.5 - 2.0**-25
+
+
+def _quantize_block(rows_RK: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor, scales: torch.Tensor) -> None:
+    """Scales and processed bytes of one cache-sized block of whole row groups, written into `out`/`scales`."""
+    import torch
+
+    r, k = rows_RK.shape
+    bits = qt.bits
+    qmax = (1 << (bits - 1)) - 1
+    # amax in the source dtype is exact (max of exactly representable values); aminmax avoids an abs() copy.
+    # abs_ turns the -0.0 of an all-zero row into TensorRT-LLM's +0.0 (its max starts from 0.f).
+    lo, hi = torch.aminmax(rows_RK, dim=1)
+    amax = torch.maximum(hi.float(), lo.float().neg_()).abs_()
+    if not bool(torch.isfinite(amax).all()):
+        raise CheckpointError(
+            f"{qt.name}: the weight has inf or NaN values, which weight-only quantization cannot represent "
+            "(TensorRT-LLM would write meaningless bytes); check the source checkpoint"
+        )
+    scale = amax.mul_(1.0 / (qmax + 1))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
+    scales.copy_(scale)  # the stored scale, rounded to the model dtype
+    divisor = torch.where(scale == 0, 1.0, scale)  # an all-zero row quantizes to 0, as TensorRT-LLM's guard does
+
+    view_shape, permutation = _element_order(r, k, bits, qt.layout)
+    ordered = rows_RK.reshape(view_shape).permute(permutation)
+    x = torch.empty(ordered.shape, dtype=torch.float32)
+    x.copy_(ordered)  # gathers into stored order and widens in one pass
+    # each element divided by its row's scale: rows are axis 0 (COLUMN_MAJOR) or axes 0 and 2 (INTERLEAVED)
+    scale_shape = [1] * x.dim()
+    scale_shape[0] = view_shape[0]
+    if qt.layout is Layout.INTERLEAVED:
+        scale_shape[2] = view_shape[1]
+    x.div_(divisor.view(scale_shape))
+    # clip first (the same as after rounding, as the bounds are integers), then round half away from zero
+    x.clamp_(-qmax - 1, qmax)
+    x.add_(torch.copysign(torch.tensor(_HALF_DOWN), x)).trunc_()
+    flat = x.view(-1)
+    if bits == 8:
+        out.view(torch.int8).copy_(flat)
+        if qt.layout is Layout.INTERLEAVED:
+            out.bitwise_xor_(0x80)  # + 128 as unsigned: flips the top bit
+    else:
+        pairs = flat.view(-1, 2)
+        packed = torch.add(pairs[:, 0], pairs[:, 1], alpha=16).add_(136)  # (lo + 8) | (hi + 8) << 4
+        out.copy_(packed)
+        if qt.layout is Layout.COLUMN_MAJOR:
+            out.bitwise_xor_(0x88)  # back to signed nibbles: (q + 8) ^ 8 == q mod 16 for q in [-8, 7]
