@@ -22,7 +22,9 @@ This module imports torch only where tensors are touched, so plans and dry runs 
 from __future__ import annotations
 
 import enum
+import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +40,7 @@ ARCHS = (75, 80, 86, 87, 89, 90)
 QUANT_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 # Rows of the planned tensor (op-input columns) whose bytes interleave: 128-byte cache line / 64-row K tile.
 _INTERLEAVE = {8: 2, 4: 4}
-# Elements per row a block is processed in at a time, so temporaries stay in the CPU cache.
+# Elements a block is processed in at a time, so its temporaries (about 2 MB) stay in the CPU cache.
 _SUB_BLOCK_ELEMENTS = 1 << 17
 
 
@@ -76,6 +78,19 @@ class WeightOnly:
         """config.json's `quantization.quant_algo`."""
         return QUANT_ALGOS[self.precision]
 
+    def quantization_config(self) -> dict[str, object]:
+        """config.json's `quantization` block, as TensorRT-LLM's converter writes it for weight-only."""
+        return {
+            "quant_algo": self.quant_algo,
+            "kv_cache_quant_algo": None,
+            "group_size": 128,
+            "smoothquant_val": 0.5,
+            "clamp_val": None,
+            "has_zero_point": False,
+            "pre_quant_scale": False,
+            "exclude_modules": None,
+        }
+
     def layout(self, ndim: int) -> Layout:
         """MoE (3-D) tensors always get the sm80 layout: TensorRT-LLM has no Hopper MoE kernel for them
         (`force_interleave`)."""
@@ -96,16 +111,12 @@ class WeightOnly:
         n_step = 256 // self.bits
         why = f"{self.precision} at sm{self.arch}" + (" (MoE weights use the sm80 layout)" if len(shape) == 3 else "")
         problems = []
-        if k % k_step:
-            problems.append(
-                f"{name}: in_features {k} is not a multiple of {k_step}, which {why} needs; "
-                f"the weight (planned shape {list(shape)}) cannot be weight-only quantized"
-            )
-        if n % n_step:
-            problems.append(
-                f"{name}: out_features {n} is not a multiple of {n_step}, which {why} needs; "
-                f"the weight (planned shape {list(shape)}) cannot be weight-only quantized"
-            )
+        for what, size, step in (("in_features", k, k_step), ("out_features", n, n_step)):
+            if size % step:
+                problems.append(
+                    f"{name}: {what} {size} is not a multiple of {step}, which {why} needs, so this weight "
+                    f"(planned shape {list(shape)}) cannot be weight-only quantized; a smaller tp / moe_tp may fit"
+                )
         return problems
 
     def tensor(self, name: str, shape: tuple[int, ...], dtype: str) -> QuantizedTensor:
@@ -165,6 +176,12 @@ class QuantizedTensor:
         return self.rows * self.row_bytes
 
     @property
+    def scale_nbytes(self) -> int:
+        from .header import itemsize
+
+        return self.rows * itemsize(self.dtype)
+
+    @property
     def scale_name(self) -> str:
         return scale_name(self.name)
 
@@ -202,10 +219,18 @@ class QuantizedTensor:
         elif out.dtype != torch.uint8 or out.numel() != r * self.row_bytes:
             raise ValueError(f"{self.name}: out must be {r * self.row_bytes} uint8 elements for {r} rows")
         scales = torch.empty(r, dtype=dtype)
+        amax = torch.empty(r, dtype=torch.float32)
         step = max(self.group, _SUB_BLOCK_ELEMENTS // k // self.group * self.group)
         for r0 in range(0, r, step):
             r1 = min(r, r0 + step)
-            _quantize_block(rows_RK[r0:r1], self, out[r0 * self.row_bytes : r1 * self.row_bytes], scales[r0:r1])
+            block = rows_RK[r0:r1]
+            divisor = _scales(block, self.bits, amax[r0:r1], scales[r0:r1])
+            _quantize_block(block, divisor, self, out[r0 * self.row_bytes : r1 * self.row_bytes])
+        if not bool(torch.isfinite(amax).all()):
+            raise CheckpointError(
+                f"{self.name}: the weight has inf or NaN values, which weight-only quantization cannot represent "
+                "(TensorRT-LLM would write meaningless bytes); check the source checkpoint"
+            )
         return out, scales
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,52 +283,89 @@ def _element_order(rows: int, k: int, bits: int, layout: Layout) -> tuple[list[i
     return [rows // group, group, k // 64, *tile], [0, 2, 1, 3, 5, 6, 4]
 
 
-# nextafter(0.5, 0) in float32: trunc(x + copysign(HALF_DOWN, x)) rounds half away from zero exactly for every
-# float32 |x| < 2**23 (x + 0.5 would round 0.49999997 up to 1); tests check it against an exact formulation.
+# nextafter(0.5, 0) in float32 (x + 0.5 would round 0.49999997 up to 1).
 _HALF_DOWN = 0.5 - 2.0**-25
 
 
-def _quantize_block(rows_RK: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor, scales: torch.Tensor) -> None:
-    """Scales and processed bytes of one cache-sized block of whole row groups, written into `out`/`scales`."""
+def _round_half_away(x: torch.Tensor, sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """C's round() (torch.round goes to even) of float32 `x` into the integer tensor `out`: x + sign(x) * HALF_DOWN,
+    truncated by the float-to-int conversion. Exact for every |x| < 2**23 (the tests check it against
+    floor(|x| + 0.5) in float64). Clobbers `x`; `sign` is scratch space."""
+    import torch
+
+    x.add_(torch.sign(x, out=sign), alpha=_HALF_DOWN)
+    return out.copy_(x)
+
+
+@functools.lru_cache(maxsize=16)
+def _gather_index(rows: int, k: int, bits: int) -> torch.Tensor:
+    """Flat source positions of a `[rows, K]` block in interleaved stored order (index_select moves elements
+    several times faster than a copy through the permuted view, whose inner loop is strided)."""
+    import torch
+
+    view_shape, permutation = _element_order(rows, k, bits, Layout.INTERLEAVED)
+    return torch.arange(rows * k, dtype=torch.int32).view(view_shape).permute(permutation).reshape(-1)
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(purpose: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """This thread's reused buffer for one step: fresh blocks of this size would cost page faults each time."""
+    import torch
+
+    buffers: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(purpose)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = buffers[purpose] = torch.empty(max(n, _SUB_BLOCK_ELEMENTS), dtype=dtype)
+    return buf[:n]
+
+
+def _scales(rows_RK: torch.Tensor, bits: int, amax: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Per row: writes amax (float32) and the stored scale (model dtype); returns the float32 scale to divide by.
+
+    Computed per cache-sized block: a pass over a whole 4 MB block of rows costs four times as much.
+    """
+
+    # amax in the source dtype is exact (the max of exactly representable values); abs() also turns the -0.0
+    # of an all-zero row into TensorRT-LLM's +0.0 (its max starts from 0.f).
+    amax.copy_(rows_RK.abs().amax(dim=1))
+    scale = amax * (1.0 / (1 << (bits - 1)))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
+    stored.copy_(scale)  # rounded to the model dtype
+    return scale.masked_fill_(scale == 0, 1.0)  # an all-zero row quantizes to 0, as TensorRT-LLM's guard does
+
+
+def _quantize_block(rows_RK: torch.Tensor, divisor: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor) -> None:
+    """The processed bytes of one cache-sized block of whole row groups, written into `out`.
+
+    Every step is one vectorized pass over the block (small enough to stay in the CPU cache).
+    """
     import torch
 
     r, k = rows_RK.shape
     bits = qt.bits
     qmax = (1 << (bits - 1)) - 1
-    # amax in the source dtype is exact (max of exactly representable values); aminmax avoids an abs() copy.
-    # abs_ turns the -0.0 of an all-zero row into TensorRT-LLM's +0.0 (its max starts from 0.f).
-    lo, hi = torch.aminmax(rows_RK, dim=1)
-    amax = torch.maximum(hi.float(), lo.float().neg_()).abs_()
-    if not bool(torch.isfinite(amax).all()):
-        raise CheckpointError(
-            f"{qt.name}: the weight has inf or NaN values, which weight-only quantization cannot represent "
-            "(TensorRT-LLM would write meaningless bytes); check the source checkpoint"
-        )
-    scale = amax.mul_(1.0 / (qmax + 1))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
-    scales.copy_(scale)  # the stored scale, rounded to the model dtype
-    divisor = torch.where(scale == 0, 1.0, scale)  # an all-zero row quantizes to 0, as TensorRT-LLM's guard does
-
-    view_shape, permutation = _element_order(r, k, bits, qt.layout)
-    ordered = rows_RK.reshape(view_shape).permute(permutation)
-    x = torch.empty(ordered.shape, dtype=torch.float32)
-    x.copy_(ordered)  # gathers into stored order and widens in one pass
-    # each element divided by its row's scale: rows are axis 0 (COLUMN_MAJOR) or axes 0 and 2 (INTERLEAVED)
-    scale_shape = [1] * x.dim()
-    scale_shape[0] = view_shape[0]
+    n = r * k
+    # float32(w) / scale (the division widens as it goes), then, for the interleaved layout, into stored order
+    x = _scratch_buffer("x", torch.float32, n)
+    torch.div(rows_RK, divisor.view(r, 1), out=x.view(r, k))
     if qt.layout is Layout.INTERLEAVED:
-        scale_shape[2] = view_shape[1]
-    x.div_(divisor.view(scale_shape))
-    # clip first (the same as after rounding, as the bounds are integers), then round half away from zero
-    x.clamp_(-qmax - 1, qmax)
-    x.add_(torch.copysign(torch.tensor(_HALF_DOWN), x)).trunc_()
-    flat = x.view(-1)
+        x = torch.index_select(x, 0, _gather_index(r, k, bits), out=_scratch_buffer("ordered", torch.float32, n))
+    x.clamp_(-qmax - 1, qmax)  # clipping before rounding is the same as after: the bounds are integers
+    sign = _scratch_buffer("sign", torch.float32, n)
     if bits == 8:
-        out.view(torch.int8).copy_(flat)
+        _round_half_away(x, sign, out.view(torch.int8))
         if qt.layout is Layout.INTERLEAVED:
             out.bitwise_xor_(0x80)  # + 128 as unsigned: flips the top bit
     else:
-        pairs = flat.view(-1, 2)
-        packed = torch.add(pairs[:, 0], pairs[:, 1], alpha=16).add_(136)  # (lo + 8) | (hi + 8) << 4
-        out.copy_(packed)
-        if qt.layout is Layout.COLUMN_MAJOR:
-            out.bitwise_xor_(0x88)  # back to signed nibbles: (q + 8) ^ 8 == q mod 16 for q in [-8, 7]
+        q = _round_half_away(x, sign, _scratch_buffer("q", torch.int8, n))
+        # two values per byte, the first in the low nibble: as int16 a pair is lo | hi << 8 (little-endian,
+        # like every host torch runs on and like safetensors' data)
+        pairs = q.view(torch.int16)
+        low = _scratch_buffer("low", torch.int16, n // 2)
+        torch.bitwise_and(pairs, 0xF, out=low)
+        high = _scratch_buffer("high", torch.int16, n // 2)
+        torch.bitwise_right_shift(pairs, 4, out=high).bitwise_and_(0xF0)
+        out.copy_(low.bitwise_or_(high))
+        if qt.layout is Layout.INTERLEAVED:
+            out.bitwise_xor_(0x88)  # + 8 on each signed nibble: flips its top bit

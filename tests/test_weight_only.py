@@ -132,9 +132,9 @@ def test_rounding_just_below_half_a_step() -> None:
 
 
 def test_round_half_away_formula_is_exact() -> None:
-    """The fast path's trunc(x + copysign(0.5 - 2**-25, x)) against floor(|x| + 0.5) in float64: every float32
+    """The fast path's rounding against floor(|x| + 0.5) in float64 (exact there): every float32
     in [0.4, 0.6], and the 512 float32s around every integer and half-integer up to 130, both signs."""
-    from moe_convert.weight_only import _HALF_DOWN
+    from moe_convert.weight_only import _round_half_away
 
     def bits(x: float) -> int:
         return int(struct.unpack("<I", struct.pack("<f", x))[0])
@@ -144,7 +144,7 @@ def test_round_half_away_formula_is_exact() -> None:
     near = (centers[:, None] + torch.arange(-256, 256)[None, :]).reshape(-1)
     x = torch.cat([dense, near]).to(torch.int32).view(torch.float32)
     x = torch.cat([x, -x])
-    fast = (x + torch.copysign(torch.tensor(_HALF_DOWN), x)).trunc()
+    fast = _round_half_away(x.clone(), torch.empty_like(x), torch.empty_like(x, dtype=torch.int32)).float()
     exact = torch.copysign((x.double().abs() + 0.5).floor(), x.double()).float()
     assert torch.equal(fast, exact)
 
@@ -268,6 +268,7 @@ def test_stored_shapes_for_mixtral_8x7b_experts() -> None:
     assert fc.weight_shape == (8, 4096, 14336) and fc.weight_dtype == "I8"
     assert fc.scale_name == "transformer.layers.0.mlp.fc.per_channel_scale" and fc.scale_shape == (8, 28672)
     assert fc.weight_nbytes == 8 * 28672 * 4096 // 2 and fc.row_bytes == 2048 and fc.group == 4
+    assert fc.scale_nbytes == 8 * 28672 * 2
     dense = WeightOnly("int8", 90).tensor("transformer.layers.0.attention.dense.weight", (4096, 512), "BF16")
     assert dense.layout is Layout.COLUMN_MAJOR and dense.group == 1
     assert dense.weight_shape == (512, 4096) and dense.scale_shape == (4096,)
@@ -309,8 +310,18 @@ def test_bad_options_are_refused(precision: str, arch: int) -> None:
         WeightOnly(precision, arch)
 
 
-def test_quant_algo() -> None:
+def test_quant_algo_and_config_block() -> None:
     assert WeightOnly("int8", 80).quant_algo == "W8A16" and WeightOnly("int4", 90).quant_algo == "W4A16"
+    assert WeightOnly("int4", 90).quantization_config() == {
+        "quant_algo": "W4A16",
+        "kv_cache_quant_algo": None,
+        "group_size": 128,
+        "smoothquant_val": 0.5,
+        "clamp_val": None,
+        "has_zero_point": False,
+        "pre_quant_scale": False,
+        "exclude_modules": None,
+    }
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
