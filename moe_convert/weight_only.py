@@ -223,9 +223,8 @@ class QuantizedTensor:
         step = max(self.group, _SUB_BLOCK_ELEMENTS // k // self.group * self.group)
         for r0 in range(0, r, step):
             r1 = min(r, r0 + step)
-            block = rows_RK[r0:r1]
-            divisor = _scales(block, self.bits, amax[r0:r1], scales[r0:r1])
-            _quantize_block(block, divisor, self, out[r0 * self.row_bytes : r1 * self.row_bytes])
+            out_bytes = out[r0 * self.row_bytes : r1 * self.row_bytes]
+            _quantize_block(rows_RK[r0:r1], self, out_bytes, amax[r0:r1], scales[r0:r1])
         if not bool(torch.isfinite(amax).all()):
             raise CheckpointError(
                 f"{self.name}: the weight has inf or NaN values, which weight-only quantization cannot represent "
@@ -321,24 +320,13 @@ def _scratch_buffer(purpose: str, dtype: torch.dtype, n: int) -> torch.Tensor:
     return buf[:n]
 
 
-def _scales(rows_RK: torch.Tensor, bits: int, amax: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Per row: writes amax (float32) and the stored scale (model dtype); returns the float32 scale to divide by.
+def _quantize_block(
+    rows_RK: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor, amax: torch.Tensor, scales: torch.Tensor
+) -> None:
+    """One cache-sized block of whole row groups: its bytes into `out`, its amax (float32) and stored scales.
 
-    Computed per cache-sized block: a pass over a whole 4 MB block of rows costs four times as much.
-    """
-
-    # amax in the source dtype is exact (the max of exactly representable values); abs() also turns the -0.0
-    # of an all-zero row into TensorRT-LLM's +0.0 (its max starts from 0.f).
-    amax.copy_(rows_RK.abs().amax(dim=1))
-    scale = amax * (1.0 / (1 << (bits - 1)))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
-    stored.copy_(scale)  # rounded to the model dtype
-    return scale.masked_fill_(scale == 0, 1.0)  # an all-zero row quantizes to 0, as TensorRT-LLM's guard does
-
-
-def _quantize_block(rows_RK: torch.Tensor, divisor: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor) -> None:
-    """The processed bytes of one cache-sized block of whole row groups, written into `out`.
-
-    Every step is one vectorized pass over the block (small enough to stay in the CPU cache).
+    Every step is one vectorized pass over the block, small enough to stay in the CPU cache (one pass over a
+    whole 4 MB block of rows, or a fresh temporary, costs several times as much).
     """
     import torch
 
@@ -346,13 +334,18 @@ def _quantize_block(rows_RK: torch.Tensor, divisor: torch.Tensor, qt: QuantizedT
     bits = qt.bits
     qmax = (1 << (bits - 1)) - 1
     n = r * k
-    # float32(w) / scale (the division widens as it goes), then, for the interleaved layout, into stored order
-    x = _scratch_buffer("x", torch.float32, n)
-    torch.div(rows_RK, divisor.view(r, 1), out=x.view(r, k))
-    if qt.layout is Layout.INTERLEAVED:
+    x = _scratch_buffer("x", torch.float32, n).view(r, k)
+    x.copy_(rows_RK)  # float32(w), exact
+    # abs() also turns the -0.0 of an all-zero row into TensorRT-LLM's +0.0 (its max starts from 0.f)
+    sign = _scratch_buffer("sign", torch.float32, n)
+    torch.amax(torch.abs(x, out=sign.view(r, k)), dim=1, out=amax)
+    scale = amax * (1.0 / (qmax + 1))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
+    scales.copy_(scale)  # the stored scale, rounded to the model dtype
+    x.div_(scale.masked_fill_(scale == 0, 1.0).view(r, 1))  # an all-zero row quantizes to 0, as in TensorRT-LLM
+    x = x.view(-1)
+    if qt.layout is Layout.INTERLEAVED:  # into stored order
         x = torch.index_select(x, 0, _gather_index(r, k, bits), out=_scratch_buffer("ordered", torch.float32, n))
     x.clamp_(-qmax - 1, qmax)  # clipping before rounding is the same as after: the bounds are integers
-    sign = _scratch_buffer("sign", torch.float32, n)
     if bits == 8:
         _round_half_away(x, sign, out.view(torch.int8))
         if qt.layout is Layout.INTERLEAVED:

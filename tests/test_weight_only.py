@@ -223,6 +223,16 @@ def test_block_must_be_whole_row_groups() -> None:
         qt.quantize_rows(torch.zeros(4, 64, dtype=torch.float16))
 
 
+def test_unaligned_output_buffer() -> None:
+    """The executor may hand over a view of its buffer at any byte offset."""
+    for precision in ("int8", "int4"):
+        qt = planned(precision, 80, (64, 64))
+        w = case_weight((64, 64), "bfloat16", bits_of(precision), 5)
+        buffer = torch.zeros(qt.weight_nbytes + 1, dtype=torch.uint8)
+        qt.quantize_rows(w, out=buffer[1:])
+        assert torch.equal(buffer[1:], qt.quantize(w)[0].view(-1).view(torch.uint8))
+
+
 def test_quantize_rows_writes_into_a_given_buffer() -> None:
     qt = planned("int8", 80, (32, 64))
     w = case_weight((32, 64), "bfloat16", 8, 3)
