@@ -7,13 +7,12 @@ without its 281 GB of shards) is enough to plan, size and check a conversion.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UsageError
+from .errors import CheckpointError, ConfigError, UsageError
 from .hub import ResolvedModel, resolve_model_dir
 from .model_config import ModelSpec, evaluate
 from .plan import DTYPE_CODES, SourceTensor, expected_names, source_entries
@@ -23,6 +22,7 @@ from .source import (
     SINGLE_FILE,
     SourceCheckpoint,
     load_config_json,
+    load_json_file,
     open_source,
     spec_from_config_dict,
 )
@@ -120,7 +120,7 @@ def open_for_plan(
     if not path.is_dir():
         open_source(path)  # raises the usual "does not exist" / "not a directory" message
     config = path / CONFIG_FILE
-    if not config.is_file():
+    if not config.exists():
         raise ConfigError(f"{config}: not found; --model_dir must hold a Hugging Face config.json (or be one)")
     spec = read_config_file(config)
     headers = expected_headers(spec, source_dtype(spec, dtype, str(config)))
@@ -137,8 +137,8 @@ def _has_weights(path: Path, resolved: ResolvedModel) -> bool:
         return any(f.suffix in (".safetensors", *PICKLE_SUFFIXES) or f.name == INDEX_FILE for f in path.iterdir())
     if index.is_file():
         try:
-            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            names = set(load_json_file(index, CheckpointError)["weight_map"].values())
+        except (CheckpointError, KeyError, TypeError, AttributeError):
             return True  # let open_source report the broken index
         return bool(names) and all((path / str(n)).is_file() for n in names)
     return single.is_file()

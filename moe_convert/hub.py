@@ -7,13 +7,13 @@ resolve from the cache only), HF_TOKEN (gated and private repos) and HF_ENDPOINT
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bounded_json import read_json
 from .errors import CheckpointError, ConfigError, UsageError
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ SINGLE_FILE = "model.safetensors"
 # `owner/name`, the shape of a Hugging Face model repo id (huggingface_hub validates the details).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# Git ref names as the hub uses them (`main`, `v1.0`, `refs/pr/1`, a commit hash); no `..`, no leading `/`.
+_REVISION = re.compile(r"[A-Za-z0-9][\w.\-/]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ def resolve_model_dir(
     path = Path(model_dir_or_id)
     text = os.fspath(model_dir_or_id)
     if is_cache_folder(path):
+        if revision is not None:
+            _check_revision(revision)
         return _cache_folder_snapshot(path, revision)
     if path.exists() or not isinstance(model_dir_or_id, str) or not looks_like_repo_id(text):
         if revision is not None:
@@ -66,6 +70,8 @@ def resolve_model_dir(
                 "drop --revision or pass an id like owner/name"
             )
         return ResolvedModel(path)
+    if revision is not None:
+        _check_revision(revision)
     cache = None if cache_dir is None else os.fspath(cache_dir)
     snapshot = _download(text, revision, [CONFIG_FILE, INDEX_FILE], cache)
     # Pin the commit just resolved, so the shards come from the same revision even if `main` moves.
@@ -119,17 +125,25 @@ def _inside_folder(folder: Path, snapshot: Path) -> bool:
         return snapshot.resolve().is_relative_to(folder.resolve())
     except (OSError, RuntimeError):
         return False
+def _check_revision(revision: str) -> None:
+    """A branch, tag or commit; never a path (the hub cache resolves revisions through files under refs/)."""
+    parts = revision.split("/")
+    if not _REVISION.fullmatch(revision) or any(p in ("", ".", "..") for p in parts):
+        raise UsageError(
+            f"--revision {revision!r} is not a branch, tag or commit name (it looks like a path); "
+            "pass e.g. main, v1.0 or a commit hash"
+        )
 
 
 def _weight_patterns(snapshot: Path) -> list[str]:
     """The shards the index names (never every *.safetensors: repos may also hold consolidated copies)."""
     index = snapshot / INDEX_FILE
-    if not index.is_file():
+    if not index.exists():
         return [SINGLE_FILE]
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        weight_map = read_json(index, CheckpointError).get("weight_map")
         names = sorted({v for v in weight_map.values() if isinstance(v, str)})
-    except (OSError, ValueError, AttributeError):
+    except (CheckpointError, AttributeError):
         return []  # open_source reports the broken index with its own message
     return [glob.escape(n) for n in names]
 

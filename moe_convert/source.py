@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bounded_json import MAX_JSON_BYTES, read_json
 from .errors import CheckpointError, ConfigError, MoeConvertError
+from .files import kind_of
 from .header import TensorInfo, read_header
 from .model_config import ModelSettings, ModelSpec, read_model
 
@@ -18,8 +19,6 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-# config.json and the index are a few KB to a few hundred KB; a bigger one is corrupt or hostile.
-MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,18 +38,9 @@ class SourceCheckpoint:
 
 
 def load_json_file(path: Path, error: type[MoeConvertError], hint: str = "") -> Any:
-    """A small JSON file of the checkpoint; every way it can be unreadable becomes `error` naming it."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise error(f"{path}: {size} bytes, over the {MAX_JSON_BYTES} byte limit for this file{hint}")
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e}){hint}") from e
-    except RecursionError as e:
-        raise error(f"{path}: not valid JSON (nested too deeply){hint}") from e
-    except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from e
+    """A small JSON file of the checkpoint (a regular file, bounded, strict); every way it can be
+    unreadable becomes `error` naming it."""
+    return read_json(path, error, limit=MAX_JSON_BYTES, hint=hint)
 
 
 def check_within(model_dir: Path, path: Path, error: type[MoeConvertError]) -> None:
@@ -67,7 +57,7 @@ def check_within(model_dir: Path, path: Path, error: type[MoeConvertError]) -> N
 def read_config(model_dir: Path) -> tuple[ModelSpec, ModelSettings]:
     """Read config.json: the sizes per the family's rules, then the settings through transformers."""
     path = model_dir / "config.json"
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a directory there: load_json_file says what it is
         raise ConfigError(f"{path}: not found; --model_dir must hold a Hugging Face config.json")
     check_within(model_dir, path, ConfigError)
     return read_model(load_config_json(path), str(path))
@@ -86,11 +76,18 @@ def spec_from_config_dict(raw: dict[str, Any], where: str) -> ModelSpec:
 
 
 def _hub_blobs(root: Path) -> list[Path]:
-    """A hub cache snapshot (`models--o--n/snapshots/<commit>`) links its files into the repo's `blobs/`."""
+    """A hub cache snapshot (`models--o--n/snapshots/<commit>`) links its files into the repo's `blobs/`.
+
+    Trusted only as huggingface_hub lays it out: `blobs` a real directory of the repo (a `blobs` that is
+    itself a link, say to `/`, would open the whole file system).
+    """
     repo = root.parent.parent
-    if root.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
-        return [(repo / "blobs").resolve()]
-    return []
+    if root.parent.name != "snapshots" or not repo.name.startswith("models--"):
+        return []
+    blobs = repo / "blobs"
+    if blobs.is_symlink() or not blobs.is_dir() or blobs.resolve() != repo.resolve() / "blobs":
+        return []
+    return [blobs.resolve()]
 
 
 def _inside(model_dir: Path, name: str) -> Path:
@@ -127,16 +124,19 @@ def shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
         if not weight_map:
             raise CheckpointError(f"{index_path}: the 'weight_map' is empty; re-download the index")
         files = list(dict.fromkeys(_inside(model_dir, n) for n in weight_map.values()))
-        missing = [str(f) for f in files if not f.is_file()]
+        missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index_path}: shard files named in the index are missing: {', '.join(missing)}")
+        odd = [f"{f} ({kind_of(f.stat().st_mode)})" for f in files if not f.is_file()]
+        if odd:
+            raise CheckpointError(f"{index_path}: shards named in the index are not regular files: {', '.join(odd)}")
         listed = {f.name for f in files}
         for stray in sorted(model_dir.glob("*.safetensors")):
             if stray.name not in listed:
                 log.debug("ignoring %s: not listed in %s", stray, INDEX_FILE)
         return files, weight_map
     single = model_dir / SINGLE_FILE
-    if single.is_file():
+    if single.exists():
         return [_inside(model_dir, SINGLE_FILE)], None
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:

@@ -11,7 +11,6 @@ Properties, for every input:
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import itertools
 import json
@@ -28,9 +27,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import save
 
-from moe_convert import header as header_module
 from moe_convert.errors import MoeConvertError
 from moe_convert.example import TINY_CONFIG
 from moe_convert.header import DTYPES, MAX_HEADER_BYTES, read_header
@@ -107,47 +106,68 @@ def assert_inside(seen: list[tuple[str, str]], root: Path) -> None:
         assert path.is_relative_to(real_root) or _is_import(event, path), f"{event} {raw} outside {root}"
 
 
-class _CountingFile:
-    """A file whose reads are recorded, to check the reader never asks for more than the file holds."""
+@contextlib.contextmanager
+def counting_reads() -> Iterator[list[int]]:
+    """Record how many bytes every positioned read asks for (the readers read with os.pread only)."""
+    reads: list[int] = []
+    real = os.pread
 
-    def __init__(self, f: Any, reads: list[int]) -> None:
-        self.f, self.reads = f, reads
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real(fd, n, offset)
 
-    def read(self, n: int = -1) -> bytes:
-        self.reads.append(n)
-        data: bytes = self.f.read(n)
-        return data
+    with mock.patch.object(os, "pread", pread):
+        yield reads
 
-    def __enter__(self) -> _CountingFile:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
+def library_accepts(path: Path) -> bool:
+    """Whether the safetensors library itself opens the file."""
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except Exception:
+        return False
+
+
+# Dtypes the library reads whose elements are not whole bytes; we refuse them as unknown.
+SUB_BYTE_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
 
 
 def read_header_checked(path: Path) -> dict[str, Any] | None:
-    """read_header under every property; returns its result, or None when it raised a domain error."""
+    """read_header under every property; returns its result, or None when it raised a domain error.
+
+    Accepts exactly what `safetensors.safe_open` accepts (sub-byte dtypes aside, which we cannot hold).
+    """
     size = path.stat().st_size
-    reads: list[int] = []
-
-    def counting_open(p: Any, mode: str = "r", *args: Any, **kwargs: Any) -> _CountingFile:
-        return _CountingFile(builtins.open(p, mode, *args, **kwargs), reads)
-
     result = None
-    with (
-        watch() as seen,
-        mock.patch.object(header_module, "open", counting_open, create=True),
-        contextlib.suppress(MoeConvertError),
-    ):
+    with watch() as seen, counting_reads() as reads, contextlib.suppress(MoeConvertError):
         result = read_header(path)
     touched = {p for event, p in seen if not _is_import(event, Path(os.path.abspath(p)).resolve())}
     assert touched <= {str(path)}, seen
-    # Never more than the file holds (the 8-byte length field aside, asked for even of an empty file).
+    # Never more than the file holds (the 8-byte length field aside).
     assert all(0 <= n <= max(8, size) for n in reads), (reads, size)
     assert sum(reads) <= max(8, size)
     if result is not None:
         _assert_sane(result, size)
+    raw = path.read_bytes()
+    if _has_duplicate_keys(raw):
+        assert result is None  # the library keeps one copy; which one is ambiguous, so we refuse
+    elif not any(f'"{d}"'.encode() in raw for d in SUB_BYTE_DTYPES):
+        assert (result is not None) == library_accepts(path), f"we {'accept' if result is not None else 'refuse'}"
     return result
+
+
+def _has_duplicate_keys(raw: bytes) -> bool:
+    found = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        found = found or len({k for k, _ in items}) != len(items)
+        return dict(items)
+
+    with contextlib.suppress(ValueError, RecursionError):
+        json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")], object_pairs_hook=pairs)
+    return found
 
 
 def _assert_sane(tensors: dict[str, Any], size: int) -> None:
@@ -280,15 +300,122 @@ def test_valid_files_agree_with_safetensors(spec: dict[str, tuple[torch.dtype, l
     }
 
 
+@st.composite
+def near_valid_files(draw: st.DrawFn) -> bytes:
+    """A well-formed file (tensors back to back), often with one defect the library refuses, or not."""
+    codes = ["F32", "F16", "BF16", "U8", "I64"]
+    specs = draw(st.lists(st.tuples(st.sampled_from(codes), st.lists(st.integers(0, 3), max_size=3)), max_size=4))
+    entries, offset = [], 0
+    for k, (code, shape) in enumerate(specs):
+        n = math.prod(shape) * DTYPES[code].itemsize
+        entries.append((f"t{k}", {"dtype": code, "shape": shape, "data_offsets": [offset, offset + n]}))
+        offset += n
+    defect = draw(st.sampled_from(["none", "gap", "trailing", "shift", "dup", "bom", "meta", "meta_null", "pad"]))
+    if defect == "shift" and entries:
+        _, e = entries[draw(st.integers(0, len(entries) - 1))]
+        e["data_offsets"] = [e["data_offsets"][0] + 1, e["data_offsets"][1] + 1]
+    if defect == "gap" and entries:
+        for _, e in entries[draw(st.integers(0, len(entries) - 1)) :]:
+            e["data_offsets"] = [e["data_offsets"][0] + 4, e["data_offsets"][1] + 4]
+        offset += 4
+    body = "{" + ",".join(f"{json.dumps(n)}:{json.dumps(e)}" for n, e in entries)
+    if defect == "dup" and entries:
+        name, e = entries[0]
+        other = {**e, "shape": [*e["shape"], 1]} if draw(st.booleans()) else e
+        body += ("," if entries else "") + f"{json.dumps(name)}:{json.dumps(other)}"
+    if defect in ("meta", "meta_null"):
+        meta = draw(st.sampled_from([{"format": "pt"}, {"a": 1}, [], "x"])) if defect == "meta" else None
+        body += ("," if entries else "") + f'"__metadata__":{json.dumps(meta)}'
+    raw = (body + "}").encode()
+    if defect == "bom":
+        raw = b"\xef\xbb\xbf" + raw
+    raw += b" " * (-len(raw) % 8)
+    data = bytes(offset + (draw(st.integers(1, 9)) if defect == "trailing" else 0))
+    if defect == "pad":
+        raw += b"\x00" * 8
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@FUZZ
+@given(near_valid_files())
+def test_near_valid_files_agree_with_safetensors(data: bytes) -> None:
+    with scratch() as d:
+        read_header_checked(_write(d / "x.safetensors", data))
+
+
+def _file(header: str | bytes, data: bytes = bytes(8)) -> bytes:
+    raw = header.encode() if isinstance(header, str) else header
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+_A = '"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}'
+_A_X = '{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":'  # an extra field the library ignores
+_GAP = '{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[6,8]}}'
+STRICT_CASES = [
+    ("valid", _file("{" + _A + "}"), True),
+    ("metadata_null", _file('{"__metadata__":null,' + _A + "}"), True),
+    ("metadata_strings", _file('{"__metadata__":{"format":"pt"},' + _A + "}"), True),
+    ("extra_field", _file('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":1}}'), True),
+    ("trailing_spaces", _file("{" + _A + "}   "), True),
+    (
+        "nesting_127",
+        _file('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":' + "[" * 125 + "]" * 125 + "}}"),
+        True,
+    ),
+    (
+        "nesting_128",
+        _file('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":' + "[" * 126 + "]" * 126 + "}}"),
+        False,
+    ),
+    ("duplicate_key", _file("{" + _A + ',"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}'), False),
+    ("trailing_bytes", _file("{" + _A + "}", bytes(9)), False),
+    (
+        "gap",
+        _file(
+            '{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[6,8]}}'
+        ),
+        False,
+    ),
+    ("not_from_zero", _file('{"a":{"dtype":"U8","shape":[8],"data_offsets":[1,9]}}', bytes(9)), False),
+    ("bom", _file(b"\xef\xbb\xbf{" + _A.encode() + b"}"), False),
+    ("metadata_list", _file('{"__metadata__":[],' + _A + "}"), False),
+    ("metadata_int_value", _file('{"__metadata__":{"x":1},' + _A + "}"), False),
+    ("nan", _file('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8],"x":NaN}}'), False),
+    ("lone_surrogate", _file('{"a\\ud800":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}'), False),
+    ("float_shape", _file('{"a":{"dtype":"U8","shape":[8.0],"data_offsets":[0,8]}}'), False),
+    ("three_offsets", _file('{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8,8]}}'), False),
+    ("missing_dtype", _file('{"a":{"shape":[8],"data_offsets":[0,8]}}'), False),
+    ("overflow", _file('{"a":{"dtype":"U16","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}}', b""), False),
+    (
+        "u64_max_times_zero",
+        _file('{"a":{"dtype":"U8","shape":[18446744073709551615,0],"data_offsets":[0,0]}}', b""),
+        True,
+    ),
+    ("nul_padding", _file("{" + _A + "}\x00\x00"), False),
+    ("digits_5000", _file('{"a":{"dtype":"U8","shape":[' + "9" * 5000 + '],"data_offsets":[0,8]}}'), False),
+]
+
+
+@pytest.mark.parametrize(("data", "accepted"), [(d, a) for _, d, a in STRICT_CASES], ids=[c[0] for c in STRICT_CASES])
+def test_strictness_matches_the_library(data: bytes, accepted: bool, tmp_path: Path) -> None:
+    path = _write(tmp_path / "x.safetensors", data)
+    assert library_accepts(path) == accepted
+    assert (read_header_checked(path) is not None) == accepted
+
+
+def test_identical_duplicate_keys_are_refused_though_the_library_takes_them(tmp_path: Path) -> None:
+    """Which copy counts is ambiguous (json.loads keeps the last, serde the first): we refuse outright."""
+    path = _write(tmp_path / "x.safetensors", _file("{" + _A + "," + _A + "}"))
+    assert library_accepts(path)
+    with pytest.raises(MoeConvertError, match="key 'a' appears twice"):
+        read_header(path)
+
+
 @pytest.mark.parametrize("length", [2**60, 2**64 - 1, MAX_HEADER_BYTES + 1])
 def test_absurd_length_rejected_before_reading(length: int, tmp_path: Path) -> None:
     """The length is checked against the file size (and a 100 MB cap) before anything is allocated."""
     path = _write(tmp_path / "x.safetensors", length.to_bytes(8, "little") + b"{}")
-    reads: list[int] = []
-    with (
-        mock.patch.object(header_module, "open", lambda p, m: _CountingFile(builtins.open(p, m), reads), create=True),
-        pytest.raises(MoeConvertError, match=f"header length {length} bytes"),
-    ):
+    with counting_reads() as reads, pytest.raises(MoeConvertError, match=f"header length {length} bytes"):
         read_header(path)
     assert reads == [8]
 
@@ -317,8 +444,9 @@ def test_overlap_hidden_behind_an_empty_tensor(tmp_path: Path) -> None:
     }
     body = json.dumps(header).encode()
     path = _write(tmp_path / "x.safetensors", len(body).to_bytes(8, "little") + body + bytes(100))
-    with pytest.raises(MoeConvertError, match="'long' and 'short' overlap"):
+    with pytest.raises(MoeConvertError, match="'long' and 'empty' overlap"):
         read_header(path)
+    assert not library_accepts(path)
 
 
 # ---------------------------------------------------------------- the index and the whole source
