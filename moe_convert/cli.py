@@ -90,6 +90,15 @@ def error_line(e: MoeConvertError) -> str:
     return f"error: {one_line(text)}{_MORE_HINT if text != str(e) else ''}"
 
 
+# What an interrupted command leaves: only a conversion has anything to continue.
+_INTERRUPTED = {
+    "convert_command": "interrupted: temporary files removed, no output file was left incomplete "
+    "(a conversion continues with --resume)",
+    "verify_command": "interrupted: verification stopped before it finished; nothing was written",
+    "plan_command": "interrupted: nothing was written",
+}
+
+
 def _handle_errors(fn: F) -> F:
     """One line on stderr and the error's exit code; the traceback only with --debug. With --json, also
     one document on stdout, whatever the failure."""
@@ -109,10 +118,7 @@ def _handle_errors(fn: F) -> F:
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             code = 128 + getattr(e, "signum", signal.SIGINT)
-            message = (
-                "interrupted: temporary files removed, no output file was left incomplete "
-                "(a conversion continues with --resume)"
-            )
+            message = _INTERRUPTED.get(fn.__name__, _INTERRUPTED["convert_command"])
             if json_out:
                 _emit_error(message, code)
             if debug:

@@ -22,6 +22,7 @@ from .header import itemsize
 from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
+from .outdir import check_output_arg, overlap_problem
 from .plan import CODE_NAMES, ConvertOptions, Plan, plan_conversion
 from .units import count, human_bytes
 from .writer import staging_buffer_bytes, write_thread_count
@@ -150,7 +151,7 @@ def dry_run(
         check_unique_subdirs(requests)
     source = open_for_plan(model_dir, revision=revision, dtype=dtype)
     options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
-    out = None if output_dir is None else Path(output_dir)
+    out = None if output_dir is None else check_output_arg(output_dir)
     jobs = []
     for r in requests:
         job_out = None if out is None else out / r.output_subdir() if batch else out
@@ -306,10 +307,9 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
 def output_dir_problems(out: Path, model_dir: Path | None, *, force: bool) -> list[str]:
     """What convert's output-dir checks would refuse, found without creating anything."""
     problems = []
-    if model_dir is not None:
-        o, s = out.resolve(), model_dir.resolve()
-        if o == s or o.is_relative_to(s) or s.is_relative_to(o):
-            problems.append(f"--output_dir {out} overlaps --model_dir {model_dir}; choose a directory outside it")
+    overlap = overlap_problem(out, model_dir, []) if model_dir is not None else None
+    if overlap:
+        problems.append(overlap)
     if out.exists() and not out.is_dir():
         problems.append(f"--output_dir {out} is a file; choose a directory")
     elif out.is_dir() and any(out.iterdir()) and not force:

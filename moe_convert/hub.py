@@ -125,6 +125,8 @@ def _inside_folder(folder: Path, snapshot: Path) -> bool:
         return snapshot.resolve().is_relative_to(folder.resolve())
     except (OSError, RuntimeError):
         return False
+
+
 def _check_revision(revision: str) -> None:
     """A branch, tag or commit; never a path (the hub cache resolves revisions through files under refs/)."""
     parts = revision.split("/")

@@ -1,20 +1,38 @@
-"""The rank-mapping manifest: which rank file holds which layer, expert, FFN slice and source bytes."""
+"""The rank-mapping manifest: which rank file holds which layer, expert, FFN slice and source bytes.
+
+Besides the plan's outcome it stores what re-planning needs (the source's config.json and the dtype and
+shape of every source tensor used), so `verify` re-derives every piece from the manifest's own model
+description and mapping, without the source. Reading one back is bounded and typed: an edited or damaged
+manifest becomes one line per problem, never a traceback or a loop over a hostile number.
+"""
 
 from __future__ import annotations
 
-import json
+import math
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .bounded_json import read_json_object
 from .errors import VerifyError
 from .execute import RankResult
-from .plan import Plan
+from .fields import Malformed, boolean, integer, ints, lst, obj, sha256_hex, show, text
+from .header import DTYPES, itemsize
+from .limits import MAX_EXPERTS, MAX_INDEX, MAX_LAYERS, MAX_WORLD_SIZE
+from .mapping import Mapping
+from .plan import ConvertOptions, Piece, Plan
 from .writer import layout_rank_file
 
 FORMAT = "moe-convert-manifest"
-VERSION = 1
+VERSION = 2  # 2: the model description (config.json, source tensors) and the source's identity
 MANIFEST_FILE = "manifest.json"
+# A Mixtral-8x22B tp8 manifest is a few MB; more than this is not one of ours.
+MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+RANK_FILE = re.compile(r"rank(0|[1-9][0-9]{0,5})\.safetensors")
+_MAX_DIMS = 8
 
 
 def build_manifest(plan: Plan, source: dict[str, Any], results: list[RankResult] | None = None) -> dict[str, Any]:
@@ -79,19 +97,163 @@ def build_manifest(plan: Plan, source: dict[str, Any], results: list[RankResult]
         "total_bytes": sum(r["bytes"] for r in ranks),
         "ranks": ranks,
         "experts": [{"expert": e, "holders": holders} for e, holders in sorted(experts.items())],
+        "model": model_record(plan),
     }
 
 
-def read_manifest(output_dir: Path) -> dict[str, Any]:
+def model_record(plan: Plan) -> dict[str, Any]:
+    """What re-planning needs besides the mapping and options: config.json, and the source tensors used."""
+    used = sorted({p.source for r in plan.ranks for t in r.tensors for p in t.pieces})
+    return {
+        "config": plan.spec.config,
+        "tensors": {n: {"dtype": plan.sources[n].dtype, "shape": list(plan.sources[n].shape)} for n in used},
+    }
+
+
+def read_manifest(output_dir: Path, *, accept_older: bool = False) -> dict[str, Any]:
+    """manifest.json of an output dir: a regular file (never through a link), bounded, ours, this version.
+
+    `accept_older` also takes older versions (whose rank list is the same), to know which files they list.
+    """
     path = output_dir / MANIFEST_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise VerifyError(f"{path}: not found; is {output_dir} a moe-convert output?") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerifyError(f"{path}: unreadable: {e}") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not os.path.lexists(path):
+        raise VerifyError(f"{path}: not found; is {output_dir} a moe-convert output?")
+    data = read_json_object(path, VerifyError, limit=MAX_MANIFEST_BYTES, follow_symlinks=False)
+    if data.get("format") != FORMAT:
         raise VerifyError(f"{path}: not a moe-convert manifest (format is not {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise VerifyError(f"{path}: manifest version {data.get('version')!r}; this tool reads {VERSION}")
+    version = data.get("version")
+    if type(version) is int and 1 <= version < VERSION:
+        if not accept_older:
+            raise VerifyError(
+                f"{path}: manifest version {version} was written by an older moe-convert and lacks the model "
+                "description that verify and --resume need; convert again"
+            )
+    elif version != VERSION:
+        raise VerifyError(f"{path}: manifest version {version!r}; this tool reads {VERSION}")
     return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a manifest back, typed and bounded.
+
+
+@dataclass(frozen=True)
+class ManifestTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # data_offsets, relative to the first data byte
+    end: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class ManifestRank:
+    index: int  # position in the manifest's list
+    rank: int
+    coords: tuple[int, int, int, int]  # tp_rank, pp_rank, moe_tp_rank, moe_ep_rank
+    file: str
+    bytes: int
+    sha256: str | None
+    layers: tuple[int, ...]
+    experts: tuple[int, ...]
+    ffn_slice: tuple[int, int]
+    tensors: tuple[ManifestTensor, ...]
+
+
+def parse_mapping(v: object, what: str = "mapping") -> Mapping:
+    """A mapping object (manifest, journal), its sizes consistent and bounded."""
+    m = obj(v, what)
+    sizes = {k: integer(m.get(k), f"{what}.{k}", lo=1, hi=MAX_WORLD_SIZE) for k in ("tp_size", "pp_size")}
+    sizes |= {k: integer(m.get(k), f"{what}.{k}", lo=1, hi=sizes["tp_size"]) for k in ("moe_tp_size", "moe_ep_size")}
+    mapping = Mapping(sizes["tp_size"], sizes["pp_size"], sizes["moe_tp_size"], sizes["moe_ep_size"])
+    if mapping.moe_tp_size * mapping.moe_ep_size != mapping.tp_size:
+        raise Malformed(f"{what} is impossible: moe_tp_size * moe_ep_size != tp_size")
+    world = integer(m.get("world_size"), f"{what}.world_size", lo=1, hi=MAX_WORLD_SIZE)
+    if world != mapping.world_size:
+        raise Malformed(f"{what}.world_size {world} != tp_size * pp_size = {mapping.world_size}")
+    return mapping
+
+
+def parse_options(v: object, what: str = "options") -> ConvertOptions:
+    o = obj(v, what)
+    return ConvertOptions(
+        text(o.get("dtype"), f"{what}.dtype"),
+        boolean(o.get("use_parallel_embedding"), f"{what}.use_parallel_embedding"),
+        integer(o.get("embedding_sharding_dim"), f"{what}.embedding_sharding_dim", hi=1),
+        boolean(o.get("use_embedding_sharing"), f"{what}.use_embedding_sharing"),
+    )
+
+
+def rank_file_name(v: object, what: str) -> str:
+    name = text(v, what)
+    if not RANK_FILE.fullmatch(name):
+        raise Malformed(f"{what} {name!r} is not a rank file name like 'rank0.safetensors'")
+    return name
+
+
+def parse_rank(index: int, e: object) -> ManifestRank:
+    r = obj(e, "the entry")
+    sha = r.get("sha256")
+    tensors = obj(r.get("tensors"), "tensors")
+    return ManifestRank(
+        index=index,
+        rank=integer(r.get("rank"), "rank", hi=MAX_WORLD_SIZE - 1),
+        coords=tuple(
+            integer(r.get(k), k, hi=MAX_WORLD_SIZE - 1) for k in ("tp_rank", "pp_rank", "moe_tp_rank", "moe_ep_rank")
+        ),  # type: ignore[arg-type]
+        file=rank_file_name(r.get("file"), "file"),
+        bytes=integer(r.get("bytes"), "bytes"),
+        sha256=None if sha is None else sha256_hex(sha, "sha256"),
+        layers=ints(r.get("layers"), "layers", hi=MAX_LAYERS - 1, max_len=MAX_LAYERS),
+        experts=ints(r.get("experts"), "experts", hi=MAX_EXPERTS - 1, max_len=MAX_EXPERTS),
+        ffn_slice=_pair(r.get("ffn_slice"), "ffn_slice"),
+        tensors=tuple(_parse_tensor(str(n), t) for n, t in tensors.items()),
+    )
+
+
+def _pair(v: object, what: str) -> tuple[int, int]:
+    a, b = ints(v, what, 2)
+    return a, b
+
+
+def _parse_tensor(name: str, e: object) -> ManifestTensor:
+    where = f"tensor {name!r}"
+    t = obj(e, where)
+    dtype = t.get("dtype")
+    if dtype not in DTYPES:
+        raise Malformed(f"{where}: dtype {dtype!r} is not a safetensors dtype")
+    shape = ints(t.get("shape"), f"{where}: shape", max_len=_MAX_DIMS)
+    if math.prod(shape) * itemsize(str(dtype)) > MAX_INDEX:
+        raise Malformed(f"{where}: shape {list(shape)} is too large for any file")
+    begin, end = _pair(t.get("data_offsets"), f"{where}: data_offsets")
+    pieces = []
+    for i, p in enumerate(lst(t.get("pieces"), f"{where}: pieces")):
+        at = f"{where}: pieces[{i}]"
+        p = obj(p, at)
+        box = tuple(_pair(d, f"{at}.slice") for d in lst(p.get("slice"), f"{at}.slice", max_len=_MAX_DIMS))
+        pieces.append(
+            Piece(text(p.get("source"), f"{at}.source"), box, integer(p.get("dst_offset"), f"{at}.dst_offset"))
+        )
+    return ManifestTensor(name, str(dtype), shape, begin, end, tuple(pieces))
+
+
+def parse_ranks(manifest: dict[str, Any]) -> tuple[list[ManifestRank], list[str]]:
+    """Every well-formed rank entry, and a problem line for each malformed one."""
+    try:
+        entries = lst(manifest.get("ranks"), "'ranks'", max_len=MAX_WORLD_SIZE)
+    except Malformed as bad:
+        return [], [f"{MANIFEST_FILE}: {bad}"]
+    ranks, problems = [], []
+    for i, e in enumerate(entries):
+        try:
+            ranks.append(parse_rank(i, e))
+        except Malformed as bad:
+            name = e.get("file") if isinstance(e, dict) and isinstance(e.get("file"), str) else None
+            shown = show(name, 40) if name else "no file"
+            problems.append(f"{MANIFEST_FILE}: ranks[{i}] ({shown}): {bad}; this rank is not checked")
+    return ranks, problems

@@ -85,6 +85,8 @@ class ModelSpec:
     rules: Rules = field(repr=False, compare=False, hash=False)
     # The config.json key each value was read from (num_experts or num_local_experts...), for messages.
     config_keys: dict[str, str] = field(default_factory=dict, repr=False, compare=False, hash=False)
+    # config.json as read: the manifest stores it, so `verify` re-plans without the source.
+    config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     def key(self, name: str) -> str:
         return self.config_keys.get(name, name)
@@ -257,6 +259,7 @@ def read_sizes(raw: dict[str, Any], where: str) -> ModelSpec:
         dtype=str(dtype) if dtype else None,
         rules=rules,
         config_keys=keys,
+        config=raw,
     )
 
 

@@ -1,110 +1,173 @@
 """Resuming an interrupted conversion: a small journal in the output dir, and the checks before reusing files.
 
-Every conversion writes `.moe-convert-journal.json` before its first rank file: the run's identity (source
-files with sizes and modification times, mapping, options, resolved dtype, tool version) and, as each rank
-file is committed, its name, size and sha256. The journal is replaced atomically at each step and removed
-once manifest.json is written. `--resume` keeps the journal's rank files whose size and sha256 still
-match (re-hashed) and redoes the rest; rank files depend only on the plan, so the result is byte-identical
-to an uninterrupted run.
+Every conversion writes `.moe-convert-journal.json` before its first rank file: the run's identity (see
+identity.py: the source's files, times and content fingerprint, the mapping, the options, the resolved
+dtype, the tool version), the names it is about to delete (an earlier run's files, so they stay provably
+ours if the clearing is interrupted) and, as each rank file is committed, its name, size and sha256. The
+journal is replaced atomically at each step and removed once manifest.json is written; a finished
+output's manifest records the same identity and sha256s.
+
+`--resume` trusts neither: every rank file it keeps is re-hashed against its recorded sha256 (also in a
+finished output), and the source's identity must equal the recorded one. Rank files depend only on the
+plan, so the result is byte-identical to an uninterrupted run. A journal or manifest that is not well
+formed stops the run with one line: then nothing proves which files in the directory are ours.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
+import os
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import UsageError
+from .bounded_json import read_json_object
+from .errors import MoeConvertError, OutputError, UsageError
 from .execute import RankResult
+from .fields import Malformed, integer, lst, obj, sha256_hex, text
+from .files import open_regular
+from .identity import identity_differences
+from .limits import MAX_WORLD_SIZE
+from .manifest import MANIFEST_FILE, RANK_FILE, parse_mapping, parse_options, rank_file_name, read_manifest
 from .plan import Plan
-from .source import INDEX_FILE, SourceCheckpoint
-from .writer import PARTIAL_SUFFIX, layout_rank_file, write_json_atomic
+from .writer import PARTIAL_SUFFIX, FileLayout, layout_rank_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = ".moe-convert-journal.json"
 JOURNAL_FORMAT = "moe-convert-journal"
-JOURNAL_VERSION = 1
-_MANIFEST_FILE = "manifest.json"  # manifest.MANIFEST_FILE; not imported, manifest imports execute
-_CONFIG_FILE = "config.json"
+JOURNAL_VERSION = 2
+CONFIG_FILE = "config.json"
+_MAX_JOURNAL_BYTES = 64 * 1024 * 1024
 _HASH_BLOCK = 1024 * 1024  # small enough to stay in the CPU cache between read and hash
-_OPTION_FLAGS = {
-    "dtype": "--dtype",
-    "use_parallel_embedding": "--use_parallel_embedding",
-    "embedding_sharding_dim": "--embedding_sharding_dim",
-}
+_MTIME_MIN = -(2**63)
 
 
-def run_identity(source: SourceCheckpoint, record: dict[str, Any], plan: Plan) -> dict[str, Any]:
-    """What must be equal for a resumed run to write the same bytes (workers and chunk size need not be)."""
-    files = [source.model_dir / _CONFIG_FILE]
-    if (source.model_dir / INDEX_FILE).is_file():
-        files.append(source.model_dir / INDEX_FILE)
-    files += list(source.files)
-    stats = []
-    for f in files:
-        st = f.stat()
-        stats.append({"name": f.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+def final_names(world_size: int, listed: Iterable[str] = ()) -> frozenset[str]:
+    """Every name a run of `world_size` ranks writes (finals and their temporaries), plus `listed`."""
+    finals = {MANIFEST_FILE, CONFIG_FILE, *listed, *(f"rank{i}.safetensors" for i in range(world_size))}
+    return frozenset(finals | {n + PARTIAL_SUFFIX for n in finals} | {JOURNAL_FILE, JOURNAL_FILE + PARTIAL_SUFFIX})
+
+
+@dataclass(frozen=True)
+class EarlierRun:
+    """What an earlier run left in an output dir, from its manifest (finished) or else its journal."""
+
+    path: Path  # the manifest or journal it was read from
+    identity: dict[str, Any] | None  # None: an older manifest that records none (cannot be resumed)
+    completed: dict[str, RankResult]
+    finished: bool
+    owned: frozenset[str]  # every name in the directory that run created or may have created
+
+
+def earlier_run(output_dir: Path) -> EarlierRun | None:
+    """The earlier run in `output_dir`, or None if it has neither manifest nor journal.
+
+    Raises OutputError (one line) when one is there but is not ours or not well formed.
+    """
+    manifest, journal = output_dir / MANIFEST_FILE, output_dir / JOURNAL_FILE
+    try:
+        if os.path.lexists(manifest):
+            return _from_manifest(output_dir, manifest)
+        if os.path.lexists(journal):
+            return _from_journal(journal)
+    except (Malformed, MoeConvertError) as e:
+        what = str(e).removeprefix(f"{manifest}: ").removeprefix(f"{journal}: ")
+        where = manifest if os.path.lexists(manifest) else journal
+        raise OutputError(
+            f"--output_dir {output_dir}: {where.name}: {what}; so nothing proves which files there moe-convert "
+            "wrote, and it changes none of them: move them away or choose another --output_dir"
+        ) from e
+    return None
+
+
+def _from_manifest(output_dir: Path, path: Path) -> EarlierRun:
+    m = read_manifest(output_dir, accept_older=True)
+    completed = {}
+    for i, e in enumerate(lst(m.get("ranks"), "ranks", max_len=MAX_WORLD_SIZE)):
+        r = obj(e, f"ranks[{i}]")
+        file = rank_file_name(r.get("file"), f"ranks[{i}].file")
+        if r.get("sha256") is not None:
+            completed[file] = RankResult(
+                file, integer(r.get("bytes"), f"ranks[{i}].bytes"), sha256_hex(r.get("sha256"), f"ranks[{i}].sha256")
+            )
+    world = parse_mapping(m.get("mapping")).world_size
+    identity = None
+    if m.get("version") == 2:
+        tool = obj(m.get("tool"), "tool")
+        identity = parse_identity(
+            {k: m.get(k) for k in ("source", "mapping", "options", "dtype")} | {"tool_version": tool.get("version")},
+            "the manifest",
+        )
+    return EarlierRun(path, identity, completed, finished=True, owned=final_names(world, completed))
+
+
+def _from_journal(path: Path) -> EarlierRun:
+    j = read_json_object(path, OutputError, limit=_MAX_JOURNAL_BYTES, follow_symlinks=False)
+    if j.get("format") != JOURNAL_FORMAT:
+        raise Malformed(f"not a moe-convert journal (format is not {JOURNAL_FORMAT!r})")
+    if j.get("version") != JOURNAL_VERSION:
+        raise Malformed(f"journal version {j.get('version')!r}; this tool reads {JOURNAL_VERSION}")
+    identity = parse_identity(j.get("identity"), "identity")
+    completed = {}
+    for i, e in enumerate(lst(j.get("completed"), "completed", max_len=MAX_WORLD_SIZE)):
+        r = obj(e, f"completed[{i}]")
+        file = rank_file_name(r.get("file"), f"completed[{i}].file")
+        completed[file] = RankResult(
+            file,
+            integer(r.get("bytes"), f"completed[{i}].bytes"),
+            sha256_hex(r.get("sha256"), f"completed[{i}].sha256"),
+        )
+    world = identity["mapping"]["world_size"]
+    leftovers = [_our_name(v, f"leftovers[{i}]") for i, v in enumerate(lst(j.get("leftovers"), "leftovers"))]
+    return EarlierRun(path, identity, completed, finished=False, owned=final_names(world, [*completed, *leftovers]))
+
+
+def _our_name(v: object, what: str) -> str:
+    name = text(v, what)
+    base = name.removesuffix(PARTIAL_SUFFIX)
+    if base not in (MANIFEST_FILE, CONFIG_FILE) and not RANK_FILE.fullmatch(base):
+        raise Malformed(f"{what} {name!r} is not a name moe-convert writes")
+    return name
+
+
+def parse_identity(v: object, what: str) -> dict[str, Any]:
+    """A run identity read from disk, every field checked (identity.py compares them)."""
+    i = obj(v, what)
+    src = obj(i.get("source"), f"{what}.source")
+    ident = obj(src.get("identity"), f"{what}.source.identity")
+    files = []
+    for k, f in enumerate(lst(ident.get("files"), f"{what}.source.identity.files", max_len=1_000_000)):
+        at = f"{what}.source.identity.files[{k}]"
+        f = obj(f, at)
+        files.append(
+            {
+                "name": text(f.get("name"), f"{at}.name"),
+                "bytes": integer(f.get("bytes"), f"{at}.bytes"),
+                "mtime_ns": integer(f.get("mtime_ns"), f"{at}.mtime_ns", lo=_MTIME_MIN),
+            }
+        )
+    optional = {}
+    for key in ("path", "hub_id", "revision"):
+        value = src.get(key)
+        optional[key] = None if value is None else text(value, f"{what}.source.{key}")
     return {
-        "tool_version": __version__,
+        "tool_version": text(i.get("tool_version"), f"{what}.tool_version"),
         "source": {
-            "path": record.get("path"),
-            "hub_id": record.get("hub_id"),
-            "revision": record.get("revision"),
-            "files": stats,
+            **optional,
+            "identity": {
+                "files": files,
+                "fingerprint": sha256_hex(ident.get("fingerprint"), f"{what}.source.identity.fingerprint"),
+            },
         },
-        "mapping": plan.mapping.as_dict(),
-        "options": plan.options.as_dict(),
-        "dtype": plan.dtype,
+        "mapping": parse_mapping(i.get("mapping"), f"{what}.mapping").as_dict(),
+        "options": parse_options(i.get("options"), f"{what}.options").as_dict(),
+        "dtype": text(i.get("dtype"), f"{what}.dtype"),
     }
-
-
-def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Human-readable differences between the interrupted run's identity and this run's."""
-    diffs = []
-    m0, m1 = before.get("mapping") or {}, now["mapping"]
-    for key in ("tp_size", "pp_size", "moe_tp_size", "moe_ep_size"):
-        if m0.get(key) != m1[key]:
-            diffs.append(f"--{key} was {m0.get(key)}, now {m1[key]}")
-    o0, o1 = before.get("options") or {}, now["options"]
-    for key, flag in _OPTION_FLAGS.items():
-        if o0.get(key) != o1[key]:
-            diffs.append(f"{flag} was {o0.get(key)!r}, now {o1[key]!r}")
-    if not diffs and before.get("dtype") != now["dtype"]:
-        diffs.append(f"the output dtype was {before.get('dtype')}, now {now['dtype']} (config.json changed?)")
-    s0, s1 = before.get("source") or {}, now["source"]
-    for key, what in (("path", "source path"), ("hub_id", "hub id"), ("revision", "revision")):
-        if s0.get(key) != s1[key]:
-            diffs.append(f"{what} was {s0.get(key)}, now {s1[key]}")
-    files0 = {f["name"]: f for f in s0.get("files") or [] if isinstance(f, dict) and isinstance(f.get("name"), str)}
-    files1 = {f["name"]: f for f in s1["files"]}
-    for name in sorted(files0.keys() - files1.keys()):
-        diffs.append(f"source file {name} was read before but is not part of the source now")
-    # A manifest records the shards only (no config.json, no mtimes); a journal records every file read.
-    from_journal = any("mtime_ns" in f for f in files0.values())
-    for name in sorted(files1.keys() - files0.keys()) if from_journal else []:
-        diffs.append(f"source file {name} is new")
-    for name in sorted(files0.keys() & files1.keys()):
-        f0, f1 = files0[name], files1[name]
-        if f0.get("bytes") != f1["bytes"]:
-            diffs.append(f"source file {name} was {f0.get('bytes')} bytes, now {f1['bytes']}")
-        elif "mtime_ns" in f0 and f0["mtime_ns"] != f1["mtime_ns"]:
-            diffs.append(f"source file {name} was modified (at {_when(f0['mtime_ns'])}, now {_when(f1['mtime_ns'])})")
-    if not diffs and before.get("tool_version") != now["tool_version"]:
-        diffs.append(f"moe-convert was version {before.get('tool_version')}, now {now['tool_version']}")
-    return diffs
-
-
-def _when(ns: object) -> str:
-    if not isinstance(ns, int):
-        return repr(ns)
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
 
 
 @dataclass(frozen=True)
@@ -120,144 +183,99 @@ class ResumeState:
         return sum(r.bytes for r in self.kept)
 
 
-def resume_state(output_dir: Path, plan: Plan, identity: dict[str, Any], *, force: bool) -> ResumeState | None:
+def resume_state(
+    output_dir: Path,
+    plan: Plan,
+    identity: dict[str, Any],
+    earlier: EarlierRun | None,
+    *,
+    force: bool,
+    empty: bool,
+) -> ResumeState | None:
     """Decide what to keep in `output_dir`; None means start from scratch (an empty or absent dir, or
     --force when the dir cannot be resumed). Raises UsageError naming what differs otherwise."""
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return None
-    try:
-        earlier = _earlier_run(output_dir)
-    except UsageError as e:
-        if force:
-            log.warning("%s; --force given: starting over", e)
+    if earlier is None:
+        if empty:
             return None
-        raise UsageError(f"{e}; add --force to start over") from e
-    diffs = identity_differences(earlier.identity, identity)
+        diffs = [f"it has neither {JOURNAL_FILE} nor {MANIFEST_FILE}, so nothing says which files are complete"]
+    elif earlier.identity is None:
+        diffs = [f"{earlier.path.name} was written by an older moe-convert and records no source identity"]
+    else:
+        diffs = identity_differences(earlier.identity, identity)
     if diffs:
         problem = f"cannot --resume into {output_dir}: {'; '.join(diffs)}"
         if force:
             log.warning("%s; --force given: starting over", problem)
             return None
-        raise UsageError(
-            f"{problem}. Rerun with the interrupted run's options and source, or add --force to start over"
-        )
-    planned = {r.file: (r.coords.rank, layout_rank_file(r)) for r in plan.ranks}
-    # Cheap checks first: recorded, present, the planned size, the planned header.
-    candidates = []
-    for file, (_rank, layout) in planned.items():
-        done, path = earlier.completed.get(file), output_dir / file
-        if done is None or not path.is_file():
-            continue
-        if done.bytes != layout.size or path.stat().st_size != layout.size:
-            log.info("redoing %s: %d bytes, %d planned", path, path.stat().st_size, layout.size)
-            continue
-        with open(path, "rb") as f:
-            if f.read(len(layout.header)) != layout.header:
-                log.info("redoing %s: its header differs from the plan", path)
-                continue
-        candidates.append(done)
-    if earlier.finished and len(candidates) == len(planned):
-        # Finished and intact: nothing to do. Checking every checksum is `moe-convert verify`'s job.
-        return ResumeState(tuple(candidates), frozenset(), finished=True)
+        hint = "" if earlier is None else ". Rerun with the interrupted run's options and source, or"
+        raise UsageError(f"{problem}{hint or ';'} add --force to start over")
+    assert earlier is not None
     kept = []
-    for done in candidates:  # re-hashed: these files end up in the new manifest unread
-        if _sha256(output_dir / done.file) != done.sha256:
-            log.info("redoing %s: its sha256 differs from the one recorded", output_dir / done.file)
-            continue
-        kept.append(done)
-    redo = frozenset(rank for file, (rank, _) in planned.items() if file not in {k.file for k in kept})
+    for r in plan.ranks:
+        done = earlier.completed.get(r.file)
+        if done is not None and _still_complete(output_dir / r.file, layout_rank_file(r), done):
+            kept.append(done)
+    files = {k.file for k in kept}
+    redo = frozenset(r.coords.rank for r in plan.ranks if r.file not in files)
     return ResumeState(tuple(kept), redo, earlier.finished)
 
 
-@dataclass(frozen=True)
-class _EarlierRun:
-    identity: dict[str, Any]
-    completed: dict[str, RankResult]
-    finished: bool
-
-
-def _earlier_run(output_dir: Path) -> _EarlierRun:
-    manifest_path, journal_path = output_dir / _MANIFEST_FILE, output_dir / JOURNAL_FILE
-    if manifest_path.is_file():
-        m = _read_json(manifest_path)
-        if m.get("format") != "moe-convert-manifest":
-            raise UsageError(f"cannot --resume into {output_dir}: {manifest_path} is not a moe-convert manifest")
-        identity = {
-            "tool_version": (m.get("tool") or {}).get("version"),
-            "source": m.get("source") or {},
-            "mapping": m.get("mapping") or {},
-            "options": m.get("options") or {},
-            "dtype": m.get("dtype"),
-        }
-        return _EarlierRun(identity, _results(m.get("ranks"), manifest_path), finished=True)
-    if journal_path.is_file():
-        j = _read_json(journal_path)
-        if j.get("format") != JOURNAL_FORMAT or j.get("version") != JOURNAL_VERSION:
-            raise UsageError(f"cannot --resume into {output_dir}: {journal_path} is not a journal this tool reads")
-        return _EarlierRun(j.get("identity") or {}, _results(j.get("completed"), journal_path), finished=False)
-    raise UsageError(
-        f"cannot --resume into {output_dir}: it has neither {JOURNAL_FILE} nor {_MANIFEST_FILE}, so nothing "
-        "says which files are complete"
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
+def _still_complete(path: Path, layout: FileLayout, done: RankResult) -> bool:
+    """The recorded file is there, a regular file, the planned size and header, and its sha256 is the recorded
+    one (re-hashed: its bytes end up in the new manifest unread)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot --resume: {path} is unreadable ({e})") from e
-    if not isinstance(data, dict):
-        raise UsageError(f"cannot --resume: {path} is not a JSON object")
-    return data
-
-
-def _results(entries: object, where: Path) -> dict[str, RankResult]:
-    out = {}
-    for e in entries if isinstance(entries, list) else []:
-        if (
-            isinstance(e, dict)
-            and isinstance(e.get("file"), str)
-            and isinstance(e.get("bytes"), int)
-            and isinstance(e.get("sha256"), str)
-        ):
-            out[e["file"]] = RankResult(e["file"], e["bytes"], e["sha256"])
-        else:
-            log.debug("%s: ignoring a rank entry without file, bytes and sha256: %r", where, e)
-    return out
-
-
-def _sha256(path: Path) -> str:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        log.info("redoing %s: it is not a regular file", path)
+        return False
+    if done.bytes != layout.size or st.st_size != layout.size:
+        log.info("redoing %s: %d bytes, %d planned", path, st.st_size, layout.size)
+        return False
     sha, buf = hashlib.sha256(), bytearray(_HASH_BLOCK)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+    with open_regular(path, OutputError, follow_symlinks=False) as (fd, _):
+        head = os.pread(fd, len(layout.header), 0)
+        if head != layout.header:
+            log.info("redoing %s: its header differs from the plan", path)
+            return False
+        offset = 0
+        while n := os.preadv(fd, [buf], offset):
             sha.update(memoryview(buf)[:n])
-    return sha.hexdigest()
+            offset += n
+    if sha.hexdigest() != done.sha256:
+        log.info("redoing %s: its sha256 differs from the one recorded", path)
+        return False
+    return True
+
+
+def remove_ours(dir_fd: int, output_dir: Path, names: Iterable[str]) -> None:
+    """Delete these names of the output dir (relative to its descriptor; links are removed, never followed)."""
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OutputError(f"--output_dir {output_dir}: cannot remove {name}: {e.strerror or e}") from e
 
 
 class Journal:
     """The journal of one output dir; `record` is called as each rank file is committed."""
 
-    def __init__(self, output_dir: Path, identity: dict[str, Any], state: ResumeState | None) -> None:
+    def __init__(
+        self, output_dir: Path, identity: dict[str, Any], state: ResumeState | None, leftovers: tuple[str, ...]
+    ) -> None:
         self.path = output_dir / JOURNAL_FILE
         self.identity = identity
+        self.leftovers = leftovers
         self.completed = {r.file: r for r in (state.kept if state else ())}
 
-    def begin(self, state: ResumeState | None) -> None:
-        """Write the journal first, then clear what will be redone, so the dir is resumable at every moment."""
+    def begin(self, dir_fd: int) -> None:
+        """Write the journal first, then delete what it lists as leftovers, so the dir is resumable (and
+        every file in it provably ours) at every moment."""
         self._write()
-        out = self.path.parent
-        for partial in out.glob(f"*{PARTIAL_SUFFIX}"):  # left by a killed run
-            if partial.name.startswith(("rank", _CONFIG_FILE, _MANIFEST_FILE, JOURNAL_FILE)):
-                partial.unlink(missing_ok=True)
-        if state is None or not state.redo:
-            return
-        # A finished run's manifest goes first: a dir without one is never taken for a finished conversion.
-        for name in (_MANIFEST_FILE, _CONFIG_FILE):
-            (out / name).unlink(missing_ok=True)
-        keep = {r.file for r in state.kept}
-        for old in out.glob("rank*.safetensors"):
-            if old.name not in keep:
-                old.unlink()
+        remove_ours(dir_fd, self.path.parent, self.leftovers)
 
     def record(self, result: RankResult) -> None:
         self.completed[result.file] = result
@@ -277,6 +295,7 @@ class Journal:
             "format": JOURNAL_FORMAT,
             "version": JOURNAL_VERSION,
             "identity": self.identity,
+            "leftovers": list(self.leftovers),
             "completed": [
                 {"file": r.file, "bytes": r.bytes, "sha256": r.sha256}
                 for r in sorted(self.completed.values(), key=lambda r: rank_number(r.file))

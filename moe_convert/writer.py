@@ -232,8 +232,10 @@ class RankFileWriter:
         self._fill = 0
         self._spill_fd = -1  # a buffered descriptor for parked bytes (and reading them back)
         self.fd = -1
+        self._created = False  # abort removes the temporary file only if this writer made it
         try:
             self.fd, self.direct = _open_output(self.partial, direct)
+            self._created = True
             for start, stop in padding_ranges(rank, self.layout):
                 self._ahead[start] = (stop, True)
             self.write(0, self.layout.header)
@@ -314,8 +316,9 @@ class RankFileWriter:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.fd = self._spill_fd = -1
-        with contextlib.suppress(OSError):
-            self.partial.unlink()
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.partial.unlink()
 
     # -- the in-order stream
 
@@ -366,7 +369,7 @@ class RankFileWriter:
             raise OutputError(f"{self.partial}: bytes at offset {offset} written twice; this is a bug in the plan")
         if self._spill_fd < 0:
             try:
-                self._spill_fd = os.open(self.partial, os.O_RDWR)
+                self._spill_fd = os.open(self.partial, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as e:
                 raise _output_error(self.partial, e, self.layout.size) from e
         self._ahead[offset] = (offset + n, False)
@@ -429,8 +432,12 @@ class RankFileWriter:
             _pwrite_all(self.fd, view, offset, self.partial, self.layout.size)
 
 
+# Our temporary files are always new: never a file, or a link, that was there before (it could lead anywhere).
+_CREATE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
 def _open_output(path: Path, direct: bool) -> tuple[int, bool]:
-    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+    flags = os.O_RDWR | _CREATE
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644), True
@@ -463,7 +470,11 @@ def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        fd = os.open(tmp, os.O_WRONLY | _CREATE, 0o644)
+    except OSError as e:  # not ours (a file or link already there): left alone
+        raise _output_error(tmp, e, len(text)) from e
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

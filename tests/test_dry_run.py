@@ -130,7 +130,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reading_module.os, "preadv", boom)
     monkeypatch.setattr(execute_module, "execute_plans", boom)
     monkeypatch.setattr(convert_module, "execute_plans", boom)
-    monkeypatch.setattr(convert_module, "prepare_output_dir", boom)
+    monkeypatch.setattr(convert_module, "OutputDirs", boom)
     monkeypatch.setattr(writer_module.RankFileWriter, "__init__", boom)
     monkeypatch.setattr(writer_module, "write_json_atomic", boom)
     monkeypatch.setattr(convert_module, "write_json_atomic", boom)

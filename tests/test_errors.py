@@ -460,9 +460,9 @@ CASES = [
     Case("shard_truncated_in_data", _truncate(SHARD2, -100), (SHARD2, "data ends at byte", "truncated")),
     Case("header_length_absurd", _length_field(SHARD2, 2**40), (SHARD2, "header length 1099511627776")),
     Case("header_length_max", _length_field(SHARD2, 2**64 - 1), (SHARD2, f"header length {2**64 - 1}")),
-    Case("header_not_json", _header_bytes(SHARD2, b"x" * 64), (SHARD2, "header is not valid JSON")),
-    Case("header_not_utf8", _header_bytes(SHARD2, b"\xff" * 64), (SHARD2, "header is not valid JSON")),
-    Case("header_not_an_object", _header_bytes(SHARD2, b"[1, 2]  "), (SHARD2, "JSON list, expected an object")),
+    Case("header_not_json", _header_bytes(SHARD2, b"x" * 64), (SHARD2, "header: not valid JSON")),
+    Case("header_not_utf8", _header_bytes(SHARD2, b"\xff" * 64), (SHARD2, "header: not valid JSON")),
+    Case("header_not_an_object", _header_bytes(SHARD2, b"[1, 2]  "), (SHARD2, "header is a list, expected an object")),
     Case("header_deeply_nested", _header_bytes(SHARD2, _deep_json().encode()), (SHARD2, "header")),
     Case("unknown_dtype", _header_entry(NORM, dtype="F7"), (f"'{NORM}'", "unknown dtype 'F7'")),
     Case("shape_negative", _header_entry(NORM, shape=[-32]), (f"'{NORM}'", "shape [-32]")),
@@ -636,35 +636,72 @@ def test_output_not_empty_without_force(src: Path, tmp_path: Path) -> None:
     assert tree_hash(src) == before
 
 
-def test_force_replaces_our_outputs_and_keeps_other_files(src: Path, tmp_path: Path) -> None:
+def test_force_replaces_what_the_earlier_manifest_lists_and_nothing_else(src: Path, tmp_path: Path) -> None:
+    """An earlier tp4 conversion, then --force tp2: rank2/rank3 (listed) go, look-alike names stay."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    (out / "rank7.safetensors").write_text("stale rank from an earlier tp8 run")
-    (out / "rank0.safetensors.partial").write_text("debris of an interrupted run")
-    (out / "manifest.json").write_text("{}")
+    assert run_convert(src, out, "--tp_size", "4", "--quiet").exit_code == 0
+    others = {
+        "notes.txt": "keep me",
+        "ranking.safetensors.txt": "not ours: a glob rank*.safetensors* would take it",
+        "rank0.safetensors.sha256": "not ours either",
+    }
+    for name, text in others.items():
+        (out / name).write_text(text)
     before = tree_hash(src)
     result = run_convert(src, out, "--force", "--tp_size", "2", "--quiet")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json",
-        "manifest.json",
-        "notes.txt",
-        "rank0.safetensors",
-        "rank1.safetensors",
-    ]
-    assert (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "manifest.json", "rank0.safetensors", "rank1.safetensors", *others]
+    )
+    assert all((out / name).read_text() == text for name, text in others.items())
     assert read_json(out / "manifest.json")["mapping"]["world_size"] == 2
     assert tree_hash(src) == before
 
 
-def test_force_cannot_clear_is_one_line(src: Path, tmp_path: Path) -> None:
-    """Something under our names that cannot be removed (here a directory) stops the run before writing."""
+def _files_of(out: Path) -> dict[str, Any]:
+    return {p.name: (p.is_dir() or p.read_bytes()) for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragments"),
+    [
+        # A manifest that is not ours proves nothing: nothing is deleted, not even with --force.
+        (lambda out: write_json(out / "manifest.json", {}), ("manifest.json", "not a moe-convert manifest")),
+        (
+            lambda out: write_json(out / "manifest.json", {"format": "moe-convert-manifest", "version": 2}),
+            ("manifest.json", "ranks is null, not a list"),
+        ),
+        # Our names, but nothing lists them: refused, never overwritten.
+        (lambda out: (out / "rank0.safetensors").mkdir(), ("holds rank0.safetensors", "no moe-convert manifest")),
+        (lambda out: (out / "rank1.safetensors").write_text("x"), ("holds rank1.safetensors",)),
+        (lambda out: (out / "rank1.safetensors.partial").write_text("x"), ("holds rank1.safetensors.partial",)),
+    ],
+    ids=["foreign_manifest", "malformed_manifest", "unlisted_dir", "unlisted_rank", "unlisted_partial"],
+)
+def test_force_never_touches_files_it_cannot_prove_it_wrote(
+    setup: Callable[[Path], Any], fragments: tuple[str, ...], src: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    (out / "rank0.safetensors").mkdir(parents=True)
-    result = run_convert(src, out, "--force")
-    assert_error_line(result, 1, f"--output_dir {out}", f"cannot remove {out}/rank0.safetensors")
-    assert (out / "rank0.safetensors").is_dir()
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    setup(out)
+    before, before_src = _files_of(out), tree_hash(src)
+    result = run_convert(src, out, "--force", "--tp_size", "2")
+    assert_error_line(result, 1, f"--output_dir {out}", *fragments)
+    assert _files_of(out) == before
+    assert tree_hash(src) == before_src
+
+
+def test_force_refuses_a_directory_where_its_manifest_lists_a_file(src: Path, tmp_path: Path) -> None:
+    """A directory under a name our manifest lists cannot be removed: one line, before anything is removed."""
+    out = tmp_path / "out"
+    assert run_convert(src, out, "--tp_size", "2", "--quiet").exit_code == 0
+    (out / "rank1.safetensors").unlink()
+    (out / "rank1.safetensors").mkdir()
+    before = _files_of(out)
+    result = run_convert(src, out, "--force", "--tp_size", "2")
+    assert_error_line(result, 1, f"--output_dir {out}", "rank1.safetensors is a directory")
+    assert _files_of(out) == before
 
 
 def test_output_is_a_file(src: Path, tmp_path: Path) -> None:
@@ -765,10 +802,10 @@ def test_cannot_write_rank_file(src: Path, tmp_path: Path, monkeypatch: pytest.M
     """Permission trouble at the first write (e.g. root_squash on NFS) is one line, nothing left behind."""
     real = os.open
 
-    def refuse(path: Any, flags: int, *args: Any) -> int:
-        if str(path).endswith(".partial"):
+    def refuse(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.path.basename(path).startswith("rank") and str(path).endswith(".partial"):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real(path, flags, *args)
+        return real(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refuse)
     out = tmp_path / "out"
@@ -829,13 +866,13 @@ def test_source_rewritten_in_place_while_converting(src: Path, tmp_path: Path, m
 def test_source_deleted_while_converting(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard gone between planning and execution (e.g. a cache eviction)."""
     convert_module = importlib.import_module("moe_convert.convert")
-    real = convert_module.prepare_output_dir
+    real = convert_module.check_space
 
     def prepare_then_delete(*args: Any, **kwargs: Any) -> None:
         real(*args, **kwargs)
         (src / SHARD2).unlink()
 
-    monkeypatch.setattr(convert_module, "prepare_output_dir", prepare_then_delete)
+    monkeypatch.setattr(convert_module, "check_space", prepare_then_delete)
     out = tmp_path / "out"
     result = run_convert(src, out)
     assert_error_line(result, 1, SHARD2, "No such file")
