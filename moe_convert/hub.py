@@ -60,8 +60,6 @@ def resolve_model_dir(
     path = Path(model_dir_or_id)
     text = os.fspath(model_dir_or_id)
     if is_cache_folder(path):
-        if revision is not None:
-            _check_revision(revision)
         return _cache_folder_snapshot(path, revision)
     if path.exists() or not isinstance(model_dir_or_id, str) or not looks_like_repo_id(text):
         if revision is not None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .bounded_json import MAX_INT_DIGITS, parse_json
 from .errors import ConfigError, MappingError, UsageError, collect
+from .files import read_regular
 from .mapping import Mapping, resolve_mapping
 
 # Accepted spellings of each size key, short first (`tp=8`), then the CLI's (`tp_size=8`).
@@ -18,6 +20,7 @@ _KEYS = {
     "moe_tp": "moe_tp_size",
     "moe_ep": "moe_ep_size",
 }
+_MAX_JOB_FILE_BYTES = 1024 * 1024  # a job file lists a few mappings
 # Keys of a job file and the type each value must have (mappings are checked on their own).
 _JOB_KEYS: dict[str, type | tuple[type, ...]] = {
     "model_dir": str,
@@ -198,25 +201,16 @@ def load_job_file(path: str | Path, check_option: OptionCheck | None = None) -> 
     """The job file and every problem in it (about the file: the caller names it). The JobFile holds what
     is usable (valid options and mappings), or is None if the file has no model_dir, output_dir or mappings."""
     path = Path(path)
+    # A regular file (never a FIFO), bounded; JSON through the project's one strict reader.
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        return None, [f"cannot read: {e.strerror or e}"]
-    except UnicodeDecodeError as e:
-        return None, [f"not UTF-8 text ({e})"]
-    raw: object
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            return None, [f"not valid YAML ({str(e).splitlines()[0]})"]
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            return None, [f"not valid JSON ({e}); YAML files must end in .yaml"]
+        data = read_regular(path, ConfigError, limit=_MAX_JOB_FILE_BYTES)
+        raw: object
+        if path.suffix.lower() in (".yaml", ".yml"):
+            raw = _load_yaml(data, str(path))
+        else:
+            raw = parse_json(data, str(path), ConfigError, hint="; YAML files must end in .yaml")
+    except ConfigError as e:
+        return None, [str(e).removeprefix(f"{path}: ")]
     if not isinstance(raw, dict):
         return None, [f"expected a mapping of keys at the top, found {type(raw).__name__}"]
     problems = [f"unknown key {k!r} (known: {', '.join(_JOB_KEYS)})" for k in raw if k not in _JOB_KEYS]
@@ -248,6 +242,23 @@ def load_job_file(path: str | Path, check_option: OptionCheck | None = None) -> 
     if not (isinstance(model_dir, str) and isinstance(output_dir, str) and requests):
         return None, problems
     return JobFile(model_dir, output_dir, tuple(requests), options), problems
+
+
+def _load_yaml(data: bytes, where: str) -> object:
+    import yaml
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if re.search(rf"\d{{{MAX_INT_DIGITS + 1}}}", text):  # Python's int() would fail past 4300 digits
+        raise ConfigError(f"{where}: holds a number with more than {MAX_INT_DIGITS} digits")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from e
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: not valid YAML ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from e
 
 
 def _has_type(value: object, kind: type | tuple[type, ...]) -> bool:

@@ -239,7 +239,7 @@ class OutputDirs:
         for lock in self.locks.values():
             lock.release()
         if not self.committed:
-            for d in self.created:  # deepest first; only what is empty again
+            for d in sorted(self.created, key=lambda d: len(d.absolute().parts), reverse=True):  # only if empty
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
@@ -273,8 +273,10 @@ def entries(out: Path) -> list[str]:
 
 
 def refuse_busy(out: Path, *, force: bool, resume: bool) -> None:
-    """The refusal of a non-empty dir without --force or --resume, before anything (a lock file) is created
-    in it; `cleanup` repeats it under the lock."""
+    """The refusals that need no lock (a file, or a non-empty dir without --force or --resume), before anything
+    is created anywhere; `cleanup` repeats them under the lock."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output_dir {out} is a file; choose a directory")
     if not (force or resume) and out.is_dir() and entries(out):
         raise OutputError(_busy(out))
 

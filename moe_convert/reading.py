@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,10 +79,16 @@ class SourceReader:
         self.fds: dict[Path, int] = {}
         try:
             for f in files:
-                self.fds[f] = os.open(f, os.O_RDONLY)
+                # Non-blocking: a shard swapped for a FIFO since its header was read must not hang us.
+                self.fds[f] = os.open(f, os.O_RDONLY | os.O_NONBLOCK)
+                if not stat.S_ISREG(os.fstat(self.fds[f]).st_mode):
+                    raise CheckpointError(f"{f}: is no longer a regular file; it changed while converting")
         except OSError as e:
             self.close()
             raise CheckpointError(f"{e.filename}: cannot open: {e.strerror or e}") from e
+        except CheckpointError:
+            self.close()
+            raise
         self.stats = {f: os.fstat(fd) for f, fd in self.fds.items()}
         self.chunk_bytes = chunk_bytes
         self.local = threading.local()

@@ -136,3 +136,28 @@ def test_disk_full(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:
     assert "disk full (or file size limit)" in stderr and ".safetensors" in stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == [JOURNAL_FILE]  # no rank file, temporary or final; no config.json, no manifest.json
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(
+    bigger: Path, clean: Path, tmp_path: Path
+) -> None:
+    """A CI retry with --resume while the first run still writes: refused naming the first run's pid; the
+    first run finishes undisturbed and its output is the clean one."""
+    out = tmp_path / "out"
+    first = start(bigger, out, "--chunk_bytes", "4096")
+    wait_for(first, lambda: journal_has_a_rank(out))
+    first.send_signal(signal.SIGSTOP)  # mid-write, holding the lock, for as long as the retries take
+    try:
+        for extra in (("--resume",), ("--force",), ("--resume", "--force")):
+            second = start(bigger, out, *extra)
+            _, stderr = second.communicate()
+            assert second.returncode == 1
+            assert stderr == (
+                f"error: --output_dir {out} is being written by another moe-convert run (pid {first.pid}); "
+                "wait for it to finish, or choose another --output_dir\n"
+            )
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate()
+    assert first.returncode == 0, stderr
+    assert files(out) == files(clean)  # the lock file is gone too

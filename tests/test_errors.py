@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import builtins
 import errno
-import hashlib
 import importlib
 import json
 import os
 import pickle
-import re
 import shutil
-import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from hostile import assert_error_line, no_final_outputs, private_copy, read_json, run_convert, tree_hash, write_json
 from safetensors.torch import load_file, save_file
 
 from moe_convert import convert, execute
@@ -40,8 +38,6 @@ SHARD3 = "model-00003-of-00003.safetensors"
 NORM = "model.norm.weight"
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 W2_1_3 = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
-OLD_NS = 1_000_000_000 * 1_000_000_000  # a fixed mtime well in the past: any write during a run changes it
-PROGRESS_LINE = re.compile(r"converting: (\d+% \(|\d+ rank files?, )")
 
 
 # ---------------------------------------------------------------- helpers
@@ -50,49 +46,7 @@ PROGRESS_LINE = re.compile(r"converting: (\d+% \(|\d+ rank files?, )")
 @pytest.fixture
 def src(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny checkpoint that a case may break."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_checkpoint, model)
-    for p in model.iterdir():
-        os.utime(p, ns=(OLD_NS, OLD_NS))
-    return model
-
-
-def tree_hash(root: Path) -> str:
-    """Names, types, modes, mtimes, symlink targets and contents of everything under `root`."""
-    h = hashlib.sha256()
-    if not root.exists() and not root.is_symlink():
-        return "absent"
-    paths = [root, *sorted(root.rglob("*"))] if root.is_dir() and not root.is_symlink() else [root]
-    for p in paths:
-        st = p.lstat()
-        h.update(f"{p.relative_to(root.parent)}|{st.st_mode}|{st.st_mtime_ns}|".encode())
-        if p.is_symlink():
-            h.update(os.readlink(p).encode())
-        elif stat.S_ISREG(st.st_mode):
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def run_convert(model: Path, out: Path, *extra: str) -> Result:
-    args = ["convert", "--model_dir", str(model), "--output_dir", str(out), *extra]
-    return CliRunner().invoke(main, args)
-
-
-def assert_error_line(result: Result, code: int, *fragments: str) -> str:
-    """Exit `code`, exactly one line on stderr starting `error: `, naming every fragment, no traceback.
-
-    Progress lines (stderr is not a terminal here) may come before it: a run that fails halfway has shown
-    how far it got."""
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if not PROGRESS_LINE.match(line)]
-    assert len(lines) == 1, result.stderr
-    line = lines[0]
-    assert line.startswith("error: "), line
-    for f in fragments:
-        assert f in line, f"{f!r} not in {line!r}"
-    return line
+    return private_copy(tiny_checkpoint, tmp_path / "model")
 
 
 def assert_usage_error(result: Result, *fragments: str) -> str:
@@ -105,22 +59,6 @@ def assert_usage_error(result: Result, *fragments: str) -> str:
     for f in fragments:
         assert f in last, f"{f!r} not in {last!r}"
     return last
-
-
-def no_final_outputs(out: Path) -> bool:
-    """Nothing under `out` could be taken for a finished (or partial) conversion."""
-    if not out.exists():
-        return True
-    names = {p.name for p in out.iterdir()}
-    return not any(n.startswith("rank") or n in ("manifest.json", "config.json") for n in names)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data))
 
 
 def edit_config(model: Path, **changes: Any) -> None:

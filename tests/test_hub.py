@@ -281,3 +281,38 @@ def test_a_cache_folder_without_a_usable_snapshot_says_what_to_pass(damage: str,
     assert "snapshots/<commit>" in lines[0] and f"(snapshots: {COMMIT_A[:12]} {COMMIT_B[:12]})" in lines[0]
     with pytest.raises(ConfigError):
         resolve_model_dir(str(folder), "../../escape")
+
+
+def test_a_snapshot_whose_blobs_link_to_the_root_is_not_trusted(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Hub-cache-shaped, but `blobs` is a link to `/`: a shard link through it reaches any file, so the
+    blobs allowance does not apply and the shard is refused as outside the model directory."""
+    repo = tmp_path / "cache" / "models--evil--repo"
+    snapshot = repo / "snapshots" / COMMIT_A
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").symlink_to("/")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        (outside / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs{outside / f.name}")
+    with pytest.raises(MoeConvertError, match="outside the model directory"):
+        convert(snapshot, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("revision", ["../../../../etc", "/etc/passwd", "main/../../x", "a\\b", ""])
+def test_a_revision_that_is_a_path_is_refused(revision: str, hub_cache: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="is not a branch, tag or commit name"):
+        resolve_model_dir(REPO, revision)
+    result = CliRunner().invoke(
+        main, ["convert", "--model_dir", REPO, "--revision", revision, "--output_dir", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 2 and result.stderr.startswith("error: --revision") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_branch_names_with_slashes_are_revisions() -> None:
+    from moe_convert.hub import _check_revision
+
+    for ok in ("main", "v1.0", "refs/pr/1", "feature/x-y_z", COMMIT_A):
+        _check_revision(ok)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import MakeCheckpoint
+from hostile import flip_byte
 
 import moe_convert.execute
 from moe_convert import convert
@@ -167,3 +168,73 @@ def test_same_input_same_bytes(make_checkpoint: MakeCheckpoint, tmp_path: Path) 
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
     assert sorted(a) == ["config.json", "manifest.json"] + [f"rank{i}.safetensors" for i in range(4)]
     assert a == b
+
+
+# ---------------------------------------------------------------- --resume re-establishes trust (issue 12, item 3)
+
+
+def test_resume_of_a_finished_output_rehashes_and_rewrites_a_flipped_byte(
+    make_checkpoint: MakeCheckpoint, clean: Path, tmp_path: Path
+) -> None:
+    """Same size, same mtime, one byte different: only the sha256 tells, and --resume checks it."""
+    src, out = make_checkpoint(), tmp_path / "out"
+    shutil.copytree(clean, out)
+    flip_byte(out / "rank2.safetensors")
+    result = convert(src, out, resume=True, **TP2_PP3)
+    assert "rank2.safetensors" not in result.kept and len(result.kept) == 5
+    assert files(out) == files(clean)  # byte-identical to a clean run, manifest and config.json included
+    assert verify(out, src).ok
+
+
+def _rewrite_in_place(shard: Path, *, keep_mtime: bool) -> None:
+    """The same header, every data byte different (a re-download of other weights of the same shapes)."""
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = bytes(b ^ 0x55 for b in data[start:])
+    with open(shard, "r+b") as f:
+        f.write(data)
+    if keep_mtime:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["new_mtime", "mtime_kept"])
+@pytest.mark.parametrize("state", ["finished", "interrupted"])
+def test_resume_refuses_a_source_rewritten_in_place(
+    state: str, keep_mtime: bool, make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same size, content rewritten (and one rank file lost): mixing old and new ranks would be silent
+    garbage, so --resume refuses; --resume --force starts over from the new source."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(make_checkpoint(), src)
+    if state == "finished":
+        convert(src, out, **TP2_PP3)
+        (out / "rank5.safetensors").unlink()
+    else:
+        interrupted(src, out, monkeypatch, at_tensor=70)
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    _rewrite_in_place(shard, keep_mtime=keep_mtime)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    expected = "fingerprint" if keep_mtime else f"source file {shard.name} was modified"
+    with pytest.raises(UsageError, match=f"cannot --resume into {out}: .*{expected}"):
+        convert(src, out, resume=True, **TP2_PP3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = convert(src, out, resume=True, force=True, **TP2_PP3)
+    assert result.kept == ()
+    assert verify(out, src).ok
+
+
+def test_resume_refuses_an_older_manifest_without_identity(
+    make_checkpoint: MakeCheckpoint, clean: Path, tmp_path: Path
+) -> None:
+    src, out = make_checkpoint(), tmp_path / "out"
+    shutil.copytree(clean, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["version"] = 1
+    del manifest["source"]["identity"], manifest["model"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="was written by an older moe-convert and records no source identity"):
+        convert(src, out, resume=True, **TP2_PP3)
+    # --force: its files are listed, so they are ours to replace.
+    convert(src, out, resume=True, force=True, **TP2_PP3)
+    assert files(out) == files(clean)

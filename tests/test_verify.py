@@ -196,3 +196,61 @@ def test_convert_with_verify_flag(make_checkpoint: MakeCheckpoint, tmp_path: Pat
     assert (
         result.stdout.startswith(f"verified {tmp_path / 'o'}: 2 rank files, ") and "matches the source" in result.stdout
     )
+
+
+# ---------------------------------------------------------------- without the source, every field is re-derived
+
+
+def _edit(file: str, fn: Any) -> Any:
+    def edit(out: Path) -> None:
+        doc = json.loads((out / file).read_text())
+        fn(doc)
+        (out / file).write_text(json.dumps(doc, indent=2))
+
+    return edit
+
+
+def _swap_piece_source(m: dict[str, Any]) -> None:
+    piece = m["ranks"][1]["tensors"]["transformer.layers.0.mlp.fc.weight"]["pieces"][0]
+    piece["source"] = piece["source"].replace("experts.0.", "experts.1.")
+
+
+def _move_expert(m: dict[str, Any]) -> None:
+    m["experts"][3]["holders"][0]["rank"] = 1
+
+
+EDITS = [
+    (_edit("config.json", lambda c: c.update(rotary_base=10000.0)), "config.json: rotary_base is 10000.0, but"),
+    (_edit("config.json", lambda c: c.update(norm_epsilon=1e-3)), "config.json: norm_epsilon is 0.001, but"),
+    (_edit("config.json", lambda c: c.update(hidden_size=64)), "config.json: hidden_size is 64, but"),
+    (_edit("config.json", lambda c: c["moe"].update(top_k=1)), "config.json: moe.top_k is 1, but"),
+    (_edit("manifest.json", _swap_piece_source), "manifest pieces[0].source is"),
+    (_edit("manifest.json", _move_expert), "manifest.json: experts[3].holders[0].rank is 1, but"),
+    (_edit("manifest.json", lambda m: m["model"]["config"]["rope_parameters"].update(rope_theta=1.0)), "rotary_base"),
+]
+
+
+@pytest.mark.parametrize(("edit", "fragment"), EDITS, ids=[e[1].split(" is")[0] for e in EDITS])
+def test_edits_are_found_without_the_source(edit: Any, fragment: str, damaged: Path) -> None:
+    """Every rank file's bytes and sha256 still match: only re-deriving the plan from the manifest's own
+    model description and mapping shows that config.json or the manifest no longer say the truth."""
+    assert verify(damaged).ok
+    edit(damaged)
+    problems = verify(damaged).problems
+    assert any(fragment in p and "the manifest's model and mapping give" in p for p in problems), problems
+
+
+def test_a_manifest_of_an_older_version_is_refused_with_a_clear_line(damaged: Path) -> None:
+    manifest = _manifest(damaged)
+    manifest["version"] = 1
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    (problem,) = verify(damaged).problems
+    assert problem.endswith(
+        "manifest.json: manifest version 1 was written by an older moe-convert and lacks the model description "
+        "that verify and --resume need; convert again"
+    )
+
+
+def test_the_lock_file_is_not_a_stray(damaged: Path) -> None:
+    (damaged / ".moe-convert.lock").write_text("123\n")
+    assert verify(damaged).ok
