@@ -121,3 +121,33 @@ def no_hang(seconds: int = 60) -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+TP2_PP3: dict[str, Any] = {"tp_size": 2, "pp_size": 3}  # 3 layers: each stage's 2 ranks finish at a different time
+
+
+def interrupted(src: Path, out: Path, monkeypatch: Any, at_tensor: int = 50) -> None:
+    """Convert tp2/pp3 until the `at_tensor`-th source tensor, then raise KeyboardInterrupt there (a Ctrl-C).
+
+    The tiny model has 96 source tensors in file order; stage 0's ranks need nothing past the 33rd, stage 1's
+    past the 64th: at 50, rank0 and rank1 are complete.
+    """
+    import pytest
+
+    import moe_convert.execute
+    from moe_convert import convert
+
+    real = moe_convert.execute._scatter
+    calls = 0
+
+    def scatter(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == at_tensor:
+            raise KeyboardInterrupt
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_convert.execute, "_scatter", scatter)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, **TP2_PP3)
+    monkeypatch.setattr(moe_convert.execute, "_scatter", real)

@@ -17,9 +17,19 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import MakeCheckpoint
-from hostile import assert_error_line, files, no_hang, private_copy, read_json, run_convert, tree_hash, write_json
+from hostile import (
+    TP2_PP3,
+    assert_error_line,
+    files,
+    interrupted,
+    no_hang,
+    private_copy,
+    read_json,
+    run_convert,
+    tree_hash,
+    write_json,
+)
 
-import moe_convert.execute
 from moe_convert import convert
 from moe_convert.bounded_json import read_json as bounded_read_json
 from moe_convert.cli import main
@@ -29,7 +39,6 @@ from moe_convert.resume import JOURNAL_FILE
 from moe_convert.source import INDEX_FILE
 from moe_convert.verify import verify
 
-TP2_PP3: dict[str, Any] = {"tp_size": 2, "pp_size": 3}
 TP2_PP3_ARGS = ("--tp_size", "2", "--pp_size", "3")
 DIGITS = 10**5000 - 1  # 5000 nines; Python's own int() refuses to parse more than 4300 digits
 
@@ -48,24 +57,6 @@ def _never_hang() -> Any:
 def fifo(path: Path) -> None:
     path.unlink(missing_ok=True)
     os.mkfifo(path)
-
-
-def interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tp2/pp3 conversion stopped by Ctrl-C: a journal listing rank0 and rank1 as complete."""
-    real = moe_convert.execute._scatter
-    calls = 0
-
-    def scatter(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 50:
-            raise KeyboardInterrupt
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(moe_convert.execute, "_scatter", scatter)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, out, **TP2_PP3)
-    monkeypatch.setattr(moe_convert.execute, "_scatter", real)
 
 
 # ---------------------------------------------------------------- FIFOs and devices (item 6)

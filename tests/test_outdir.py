@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import MakeCheckpoint
-from hostile import assert_error_line, files, private_copy, read_json, run_convert, tree_hash
+from hostile import TP2_PP3, assert_error_line, files, interrupted, private_copy, read_json, run_convert, tree_hash
 
-import moe_convert.execute
 from moe_convert import convert, convert_batch, outdir, plan
 from moe_convert.cli import main
 from moe_convert.errors import OutputError, UsageError
@@ -28,7 +27,6 @@ from moe_convert.verify import verify
 from moe_convert.writer import layout_rank_file
 
 SHARD = "model-00002-of-00003.safetensors"
-TP2_PP3: dict[str, Any] = {"tp_size": 2, "pp_size": 3}
 
 
 @pytest.fixture
@@ -41,24 +39,6 @@ def clean(make_checkpoint: MakeCheckpoint, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("clean") / "out"
     convert(make_checkpoint(), out, **TP2_PP3)
     return out
-
-
-def interrupt(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, at_tensor: int = 50) -> None:
-    """Convert tp2/pp3 until the `at_tensor`-th source tensor, then Ctrl-C (ranks 0 and 1 are complete)."""
-    real = moe_convert.execute._scatter
-    calls = 0
-
-    def scatter(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == at_tensor:
-            raise KeyboardInterrupt
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(moe_convert.execute, "_scatter", scatter)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, out, **TP2_PP3)
-    monkeypatch.setattr(moe_convert.execute, "_scatter", real)
 
 
 # ---------------------------------------------------------------- item 1: links planted in the output dir
@@ -80,7 +60,7 @@ def test_links_planted_in_the_output_are_never_followed(
     if kind == "finished":
         convert(src, out, **TP2_PP3)
     elif kind == "interrupted":
-        interrupt(src, out, monkeypatch)
+        interrupted(src, out, monkeypatch)
     else:
         out.mkdir()
     outside = tmp_path / "outside"
@@ -124,7 +104,7 @@ def test_the_lock_file_itself_is_never_followed(src: Path, tmp_path: Path) -> No
 def test_a_second_run_is_refused_naming_the_holder(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CI retry with --resume while the first run still writes (here: the lock held in this process)."""
     out = tmp_path / "out"
-    interrupt(src, out, monkeypatch)
+    interrupted(src, out, monkeypatch)
     before = files(out)
     lock, pid = OutputLock(out), f"(pid {os.getpid()})"
     try:

@@ -11,16 +11,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import MakeCheckpoint
-from hostile import flip_byte
+from hostile import TP2_PP3, flip_byte, interrupted
 
-import moe_convert.execute
 from moe_convert import convert
 from moe_convert.cli import main
 from moe_convert.errors import UsageError
 from moe_convert.resume import JOURNAL_FILE
 from moe_convert.verify import verify
-
-TP2_PP3: dict[str, Any] = {"tp_size": 2, "pp_size": 3}  # 3 layers: each stage's 2 ranks finish at a different time
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +30,6 @@ def clean(make_checkpoint: MakeCheckpoint, tmp_path_factory: pytest.TempPathFact
 
 def files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-def interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, at_tensor: int) -> None:
-    """Convert until the `at_tensor`-th source tensor, then raise KeyboardInterrupt there (a Ctrl-C)."""
-    real = moe_convert.execute._scatter
-    calls = 0
-
-    def scatter(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == at_tensor:
-            raise KeyboardInterrupt
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(moe_convert.execute, "_scatter", scatter)
-    with pytest.raises(KeyboardInterrupt):
-        convert(src, out, **TP2_PP3)
-    monkeypatch.setattr(moe_convert.execute, "_scatter", real)
 
 
 def test_interrupt_then_resume_is_byte_identical(
