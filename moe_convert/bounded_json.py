@@ -5,7 +5,9 @@ Bounded: the file's size is checked before it is read, integers longer than MAX_
 refused before Python converts them (its own limit, 4300 digits, fails with a traceback), and nesting
 deeper than MAX_DEPTH is refused. Strict like the safetensors library's parser (serde_json): UTF-8
 without a byte order mark, no duplicate keys (json.loads would silently keep the last copy), no NaN or
-Infinity, no number too large for a float, no lone UTF-16 surrogate in a string.
+Infinity, no number too large for a float, no lone UTF-16 surrogate in a string. A refused number is
+named by its place (`rope_parameters.rope_theta is Infinity, ...`). What is accepted can be written back
+as JSON unchanged (a manifest stores the source's config.json).
 """
 
 from __future__ import annotations
@@ -41,22 +43,33 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _int(text: str) -> int:
+class _Bad(str):
+    """A number the parser must not turn into a value: kept as its text, reported with its place."""
+
+    def __new__(cls, text: str, problem: str) -> _Bad:
+        bad = super().__new__(cls, text)
+        bad.problem = problem
+        return bad
+
+    problem: str
+
+
+def _int(text: str) -> int | _Bad:
     digits = len(text.lstrip("-"))
-    if digits > MAX_INT_DIGITS:
-        raise _Refused(f"an integer with {digits} digits (more than {MAX_INT_DIGITS})")
+    if digits > MAX_INT_DIGITS:  # never handed to int(): past 4300 digits it raises, and it is slow
+        return _Bad(text, f"an integer with {digits} digits (more than {MAX_INT_DIGITS})")
     return int(text)
 
 
-def _float(text: str) -> float:
+def _float(text: str) -> float | _Bad:
     value = float(text)
     if not math.isfinite(value):
-        raise _Refused(f"the number {_short(text)} is too large for a float")
+        return _Bad(text, f"{_short(text)}, too large for a float: numbers must be finite (inf is not)")
     return value
 
 
-def _constant(text: str) -> float:
-    raise _Refused(f"{text} is not a JSON value")
+def _constant(text: str) -> _Bad:
+    return _Bad(text, f"{text}, which is not JSON: numbers must be finite (inf and nan are not)")
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -87,23 +100,25 @@ def parse_json(data: bytes, where: str, error: type[MoeConvertError], *, hint: s
 
 
 def _check_tree(value: Any) -> str | None:
-    """Depth and strings, walked without recursion (the parser already bounded the size)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    """Numbers, depth and strings, walked without recursion (the parser already bounded the size)."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]
     while stack:
-        v, depth = stack.pop()
+        v, depth, path = stack.pop()
+        if isinstance(v, _Bad):
+            return f"{path or 'the document'} is {v.problem}"
         if isinstance(v, dict):
             if depth > MAX_DEPTH:
                 return f"nested more than {MAX_DEPTH} levels deep"
             for k, item in v.items():
                 if not _utf8(k):
-                    return "a key holds a lone UTF-16 surrogate escape"
-                stack.append((item, depth + 1))
+                    return f"a key in {path or 'the document'} holds a lone UTF-16 surrogate escape"
+                stack.append((item, depth + 1, f"{path}.{k}" if path else k))
         elif isinstance(v, list):
             if depth > MAX_DEPTH:
                 return f"nested more than {MAX_DEPTH} levels deep"
-            stack.extend((item, depth + 1) for item in v)
+            stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(v))
         elif isinstance(v, str) and not _utf8(v):
-            return "a string holds a lone UTF-16 surrogate escape"
+            return f"{path or 'the document'} holds a lone UTF-16 surrogate escape"
     return None
 
 

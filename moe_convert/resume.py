@@ -273,9 +273,12 @@ class Journal:
 
     def begin(self, dir_fd: int) -> None:
         """Write the journal first, then delete what it lists as leftovers, so the dir is resumable (and
-        every file in it provably ours) at every moment."""
+        every file in it provably ours) at every moment. Only the journal's own temporary file (left by a
+        run killed while writing it) goes before: the new journal is written through that name."""
+        temporary = self.path.name + PARTIAL_SUFFIX
+        remove_ours(dir_fd, self.path.parent, [n for n in self.leftovers if n == temporary])
         self._write()
-        remove_ours(dir_fd, self.path.parent, self.leftovers)
+        remove_ours(dir_fd, self.path.parent, [n for n in self.leftovers if n != temporary])
 
     def record(self, result: RankResult) -> None:
         self.completed[result.file] = result

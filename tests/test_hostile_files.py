@@ -317,8 +317,8 @@ HUGE = [
     (_manifest("mapping.tp_size", 10**9), "manifest.json: mapping.tp_size 1000000000 is over the limit of 65536"),
     (_manifest("ranks[0].experts", [3_000_000_000]), "experts 3000000000 is over the limit"),
     (_manifest("ranks[0].layers", list(range(100_000))), "layers has 100000 entries, over the limit of 4096"),
-    (_manifest("model.config.num_local_experts", 100_000_000), "the number of experts 100000000 is over the limit"),
-    (_manifest("model.config.num_hidden_layers", 50_000_000), "num_hidden_layers 50000000 is over the limit of 4096"),
+    (_manifest("model.config.num_local_experts", 100_000_000), "num_local_experts 100000000 is over the limit"),
+    (_manifest("model.config.num_hidden_layers", 50_000_000), "num_hidden_layers 50000000 is over the limit of 1024"),
 ]
 
 

@@ -217,3 +217,15 @@ def test_resume_refuses_an_older_manifest_without_identity(
     # --force: its files are listed, so they are ours to replace.
     convert(src, out, resume=True, force=True, **TP2_PP3)
     assert files(out) == files(clean)
+
+
+def test_debris_of_a_run_killed_while_writing_its_journal_is_cleared(
+    make_checkpoint: MakeCheckpoint, clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL can land between a journal's temporary file and its rename: the names are ours, so they go."""
+    src, out = make_checkpoint(), tmp_path / "out"
+    interrupted(src, out, monkeypatch)
+    for name in (f"{JOURNAL_FILE}.partial", "config.json.partial", "rank3.safetensors.partial"):
+        (out / name).write_text("half written")
+    convert(src, out, resume=True, **TP2_PP3)
+    assert files(out) == files(clean)
