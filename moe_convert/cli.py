@@ -96,6 +96,7 @@ _INTERRUPTED = {
     "(a conversion continues with --resume)",
     "verify_command": "interrupted: verification stopped before it finished; nothing was written",
     "plan_command": "interrupted: nothing was written",
+    "example_command": "interrupted: the example checkpoint may be incomplete; build it again with --force",
 }
 
 
