@@ -25,9 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .bounded_json import read_json_object
 from .errors import OutputError, UsageError
 from .manifest import MANIFEST_FILE
 from .resume import CONFIG_FILE, JOURNAL_FILE, EarlierRun, ResumeState
+from .units import human_bytes
 
 LOCK_FILE = ".moe-convert.lock"
 
@@ -301,6 +303,8 @@ def cleanup(
     if state is None and not force:
         raise OutputError(_busy(out))
     owned = earlier.owned if earlier else frozenset({JOURNAL_FILE + ".partial"})
+    if CONFIG_FILE in present and CONFIG_FILE not in owned and _is_trtllm_config(out / CONFIG_FILE):
+        owned |= {CONFIG_FILE}  # a converter's output (--save_config_only), not a model's config.json
     kept = {r.file for r in state.kept} if state else set()
     foreign = sorted((present & writes) - owned - kept)
     if CONFIG_FILE in foreign:
@@ -328,11 +332,16 @@ def cleanup(
     return tuple(sorted(doomed, key=lambda n: (order.get(n, 2), n)))
 
 
+def _is_trtllm_config(path: Path) -> bool:
+    """A TensorRT-LLM config.json (what a converter writes: `architecture` and `mapping`), never a model's."""
+    try:
+        config = read_json_object(path, OutputError, limit=1 << 20, follow_symlinks=False)
+    except OutputError:
+        return False
+    return isinstance(config.get("architecture"), str) and isinstance(config.get("mapping"), dict)
+
+
 # ---------------------------------------------------------------- space
-
-
-def size_text(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n} bytes"
 
 
 def check_space(outs: Sequence[Path], needed: Sequence[int]) -> None:
@@ -342,7 +351,7 @@ def check_space(outs: Sequence[Path], needed: Sequence[int]) -> None:
         free = shutil.disk_usage(out).free
         if free < n:
             raise OutputError(
-                f"--output_dir {out}: needs {size_text(n)} but only {size_text(free)} is free; "
+                f"--output_dir {out}: needs {human_bytes(n)} but only {human_bytes(free)} is free; "
                 "free space or choose another directory"
             )
         dev = os.stat(out).st_dev
@@ -352,6 +361,6 @@ def check_space(outs: Sequence[Path], needed: Sequence[int]) -> None:
         free = shutil.disk_usage(first).free
         if count > 1 and free < total:
             raise OutputError(
-                f"--output_dir {first.parent}: the batch needs {size_text(total)} but only {size_text(free)} "
+                f"--output_dir {first.parent}: the batch needs {human_bytes(total)} but only {human_bytes(free)} "
                 "is free; free space, convert fewer mappings at once, or choose another directory"
             )

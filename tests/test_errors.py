@@ -24,7 +24,16 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from hostile import assert_error_line, no_final_outputs, private_copy, read_json, run_convert, tree_hash, write_json
+from hostile import (
+    PROGRESS_LINE,
+    assert_error_line,
+    no_final_outputs,
+    private_copy,
+    read_json,
+    run_convert,
+    tree_hash,
+    write_json,
+)
 from safetensors.torch import load_file, save_file
 
 from moe_convert import convert, execute
