@@ -20,7 +20,7 @@ from .bounded_json import read_json_object
 from .errors import VerifyError
 from .execute import RankResult
 from .fields import Malformed, boolean, integer, ints, lst, obj, sha256_hex, show, text
-from .header import DTYPES, itemsize
+from .header import ITEMSIZES, itemsize
 from .limits import MAX_EXPERTS, MAX_INDEX, MAX_LAYERS, MAX_WORLD_SIZE
 from .mapping import Mapping
 from .plan import ConvertOptions, Piece, Plan
@@ -225,7 +225,7 @@ def _parse_tensor(name: str, e: object) -> ManifestTensor:
     where = f"tensor {name!r}"
     t = obj(e, where)
     dtype = t.get("dtype")
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZES:
         raise Malformed(f"{where}: dtype {dtype!r} is not a safetensors dtype")
     shape = ints(t.get("shape"), f"{where}: shape", max_len=_MAX_DIMS)
     if math.prod(shape) * itemsize(str(dtype)) > MAX_INDEX:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import MoeConvertError, VerifyError
 from .fields import Malformed, ints, obj
-from .header import DTYPES
+from .header import ITEMSIZES
 from .hub import resolve_model_dir
 from .identity import source_identity
 from .limits import MAX_RECORDED_TENSORS
@@ -84,7 +84,7 @@ def replan_from_manifest(manifest: dict[str, Any], where: str) -> tuple[Plan, Mo
         for name, entry in recorded.items():
             e = obj(entry, f"model.tensors[{name!r}]")
             dtype = e.get("dtype")
-            if dtype not in DTYPES:
+            if dtype not in ITEMSIZES:
                 raise Malformed(f"model.tensors[{name!r}].dtype {dtype!r} is not a safetensors dtype")
             headers[name] = SourceTensor(str(dtype), ints(e.get("shape"), f"model.tensors[{name!r}].shape", max_len=8))
         mapping = parse_mapping(manifest.get("mapping"))

@@ -285,3 +285,14 @@ def test_lock_and_overlap_leave_the_source_untouched_under_every_flag(src: Path,
         assert_error_line(run_convert(src, src, *flags), 1, "overlaps --model_dir")
     assert tree_hash(src) == before
     assert read_json(src / "config.json")["model_type"] == "mixtral"
+
+
+def test_output_dir_and_resume_modules_do_not_import_torch() -> None:
+    """The checks before any byte is written stay fast to start: torch is imported only where data is cast."""
+    import subprocess
+    import sys
+
+    modules = "convert, outdir, resume, identity, manifest, replan, bounded_json, files"
+    code = f"import sys; from moe_convert import {modules}; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
