@@ -37,6 +37,11 @@ PRECISIONS = {"int8": 8, "int4": 4}
 # Compute capabilities TensorRT-LLM's preprocessor takes (getLayoutDetailsForTransform: 75-89 share one layout,
 # 90 has its own; anything else is "Unsupported Arch").
 ARCHS = (75, 80, 86, 87, 89, 90)
+# sm90 2-D weights: TensorRT-LLM's bytes depend on its version (docs/weight-only.md, "The sm90 question").
+SM90_LAYOUTS = {
+    "column_major": "TensorRT-LLM 0.10-0.11, the spec's: the plain transpose",
+    "permuted": "TensorRT-LLM 1.2: rows permuted as for sm80, transposed, biased and reordered",
+}
 QUANT_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 # Rows of the planned tensor (op-input columns) whose bytes interleave: 128-byte cache line / 64-row K tile.
 _INTERLEAVE = {8: 2, 4: 4}
@@ -48,15 +53,19 @@ class Layout(enum.Enum):
     """How the quantized bytes are arranged for the mixed-precision GEMM."""
 
     INTERLEAVED = "interleaved"  # sm75-sm89, and every 3-D (MoE) tensor: permuted, interleaved, biased
-    COLUMN_MAJOR = "column_major"  # sm90 2-D: the plain transpose of the signed values
+    COLUMN_MAJOR = "column_major"  # sm90 2-D up to TensorRT-LLM 0.11: the plain transpose of the signed values
+    PERMUTED = "permuted"  # sm90 2-D in TensorRT-LLM 1.2: as INTERLEAVED without the column interleave
 
 
 @dataclass(frozen=True)
 class WeightOnly:
-    """The user's choice: precision and target GPU arch (compute capability as an int, e.g. 80, 90)."""
+    """The user's choice: precision, target GPU arch (compute capability as an int, e.g. 80, 90) and, for
+    sm90, which TensorRT-LLM version's layout of 2-D weights (one of SM90_LAYOUTS; required there, since
+    the versions write different bytes; ignored for other archs)."""
 
     precision: str = "int8"
     arch: int = 80
+    sm90_layout: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -68,6 +77,15 @@ class WeightOnly:
                 f"--weight_only_arch {self.arch} is not an arch TensorRT-LLM's weight-only kernels take; "
                 f"use one of {', '.join(map(str, ARCHS))}"
             )
+        if self.arch == 90 and self.sm90_layout not in SM90_LAYOUTS:
+            given = "" if self.sm90_layout is None else f" (not {self.sm90_layout!r})"
+            raise UsageError(
+                "--weight_only_arch 90: TensorRT-LLM's sm90 bytes of 2-D weights (qkv, dense) differ by version; "
+                f"pass --weight_only_sm90_layout column_major (TensorRT-LLM 0.10-0.11) or permuted (1.2){given}; "
+                "docs/weight-only.md shows how to check yours"
+            )
+        if self.arch != 90 and self.sm90_layout is not None:
+            object.__setattr__(self, "sm90_layout", None)  # the same bytes whatever it says: not part of the identity
 
     @property
     def bits(self) -> int:
@@ -94,7 +112,9 @@ class WeightOnly:
     def layout(self, ndim: int) -> Layout:
         """MoE (3-D) tensors always get the sm80 layout: TensorRT-LLM has no Hopper MoE kernel for them
         (`force_interleave`)."""
-        return Layout.COLUMN_MAJOR if self.arch == 90 and ndim == 2 else Layout.INTERLEAVED
+        if self.arch == 90 and ndim == 2:
+            return Layout(self.sm90_layout)
+        return Layout.INTERLEAVED
 
     def check(self, name: str, shape: tuple[int, ...]) -> list[str]:
         """Problems (one line each, with the numbers) that stop TensorRT-LLM's kernels taking this tensor.
@@ -126,6 +146,38 @@ class WeightOnly:
         if problems:
             raise UsageError("; ".join(problems), problems)
         return QuantizedTensor(name, tuple(shape), dtype, self.precision, self.layout(len(shape)))
+
+
+def visible_gpu_arch() -> int | None:
+    """The compute capability of the GPU torch sees (device 0, as TensorRT-LLM asks it), e.g. 90; None without one."""
+    import torch
+
+    try:
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+    except (RuntimeError, AssertionError):  # a CPU-only build, or a driver that will not answer
+        return None
+    return int(major) * 10 + int(minor)
+
+
+def resolve_arch(arch: int | None) -> int:
+    """`--weight_only_arch`, or else the visible GPU's; a UsageError (exit 2) when there is none to ask."""
+    if arch is not None:
+        return arch
+    found = visible_gpu_arch()
+    choices = "|".join(str(a) for a in ARCHS if a != 87)
+    if found is None:
+        raise UsageError(
+            "--use_weight_only: no GPU is visible to tell the target arch, and sm80 and sm90 bytes differ; "
+            f"pass --weight_only_arch {choices} (the GPU TensorRT-LLM will run on)"
+        )
+    if found not in ARCHS:
+        raise UsageError(
+            f"--use_weight_only: the visible GPU is sm{found}, whose weight-only layout moe-convert does not "
+            f"write; pass --weight_only_arch {choices} for the GPU TensorRT-LLM will run on"
+        )
+    return found
 
 
 def scale_name(weight_name: str) -> str:
@@ -246,7 +298,7 @@ class QuantizedTensor:
         data = weight.reshape(-1).view(torch.uint8)
         if data.numel() != self.weight_nbytes:
             raise ValueError(f"{self.name}: expected {self.weight_nbytes} bytes, got {data.numel()}")
-        biased = self.layout is Layout.INTERLEAVED
+        biased = self.layout is not Layout.COLUMN_MAJOR
         if self.bits == 4:
             nibbles = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(-1).to(torch.int8)
             q = nibbles - 8 if biased else torch.where(nibbles >= 8, nibbles - 16, nibbles)
@@ -274,9 +326,14 @@ def _element_order(rows: int, k: int, bits: int, layout: Layout) -> tuple[list[i
     the row permutation of K (int8 0 1 8 9 2 3 10 11 ..., int4 0 1 8 9 16 17 24 25 2 3 ...) swaps c/a and d;
     the column interleave moves T before j; the int8 byte swap 1<->2 inside each 4 bytes swaps b and c;
     the int4 nibble order [0 2 4 6 1 3 5 7] inside each 32-bit word swaps b and a. Result: (T, j, g, d, b, c|a).
+    The permuted (sm90) layout is the same without the interleave, so per row, on the 16 (int8) or 32 (int4)
+    values the row permutation moves together: (c|a, d, b) -> (d, b, c|a).
     """
     if layout is Layout.COLUMN_MAJOR:
         return [rows, k], [0, 1]
+    if layout is Layout.PERMUTED:
+        run = [2, 4, 2] if bits == 8 else [4, 4, 2]
+        return [rows, k // math.prod(run), *run], [0, 1, 3, 4, 2]
     group = _INTERLEAVE[bits]
     tile = [4, 2, 4, 2] if bits == 8 else [2, 4, 4, 2]
     return [rows // group, group, k // 64, *tile], [0, 2, 1, 3, 5, 6, 4]
@@ -297,12 +354,12 @@ def _round_half_away(x: torch.Tensor, sign: torch.Tensor, out: torch.Tensor) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def _gather_index(rows: int, k: int, bits: int) -> torch.Tensor:
-    """Flat source positions of a `[rows, K]` block in interleaved stored order (index_select moves elements
-    several times faster than a copy through the permuted view, whose inner loop is strided)."""
+def _gather_index(rows: int, k: int, bits: int, layout: Layout) -> torch.Tensor:
+    """Flat source positions of a `[rows, K]` block in stored order (index_select moves elements several
+    times faster than a copy through the permuted view, whose inner loop is strided)."""
     import torch
 
-    view_shape, permutation = _element_order(rows, k, bits, Layout.INTERLEAVED)
+    view_shape, permutation = _element_order(rows, k, bits, layout)
     return torch.arange(rows * k, dtype=torch.int32).view(view_shape).permute(permutation).reshape(-1)
 
 
@@ -343,12 +400,14 @@ def _quantize_block(
     scales.copy_(scale)  # the stored scale, rounded to the model dtype
     x.div_(scale.masked_fill_(scale == 0, 1.0).view(r, 1))  # an all-zero row quantizes to 0, as in TensorRT-LLM
     x = x.view(-1)
-    if qt.layout is Layout.INTERLEAVED:  # into stored order
-        x = torch.index_select(x, 0, _gather_index(r, k, bits), out=_scratch_buffer("ordered", torch.float32, n))
+    biased = qt.layout is not Layout.COLUMN_MAJOR
+    if biased:  # into stored order
+        index = _gather_index(r, k, bits, qt.layout)
+        x = torch.index_select(x, 0, index, out=_scratch_buffer("ordered", torch.float32, n))
     x.clamp_(-qmax - 1, qmax)  # clipping before rounding is the same as after: the bounds are integers
     if bits == 8:
         _round_half_away(x, sign, out.view(torch.int8))
-        if qt.layout is Layout.INTERLEAVED:
+        if biased:
             out.bitwise_xor_(0x80)  # + 128 as unsigned: flips the top bit
     else:
         q = _round_half_away(x, sign, _scratch_buffer("q", torch.int8, n))
@@ -360,5 +419,5 @@ def _quantize_block(
         high = _scratch_buffer("high", torch.int16, n // 2)
         torch.bitwise_right_shift(pairs, 4, out=high).bitwise_and_(0xF0)
         out.copy_(low.bitwise_or_(high))
-        if qt.layout is Layout.INTERLEAVED:
+        if biased:
             out.bitwise_xor_(0x88)  # + 8 on each signed nibble: flips its top bit

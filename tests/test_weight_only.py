@@ -36,8 +36,15 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "weight_only_trtllm.json"
 ARCH_CLASSES = [75, 80, 86, 89, 90]
 
 
-def planned(precision: str, arch: int, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16) -> QuantizedTensor:
-    return WeightOnly(precision, arch).tensor("transformer.layers.0.mlp.fc.weight", shape, CODES[dtype])
+def planned(
+    precision: str,
+    arch: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.bfloat16,
+    sm90_layout: str = "column_major",
+) -> QuantizedTensor:
+    scheme = WeightOnly(precision, arch, sm90_layout)
+    return scheme.tensor("transformer.layers.0.mlp.fc.weight", shape, CODES[dtype])
 
 
 def stored_bytes(qt: QuantizedTensor, w: torch.Tensor) -> tuple[bytes, bytes]:
@@ -60,6 +67,24 @@ def test_matches_spec_reference(dtype: str, shape: tuple[int, ...], precision: s
     w = case_weight(shape, dtype, bits_of(precision), seed=len(shape) * 100 + arch)
     qt = planned(precision, arch, shape, DTYPES[dtype])
     assert stored_bytes(qt, w) == reference(w, precision, arch)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(64, 128), (64, 192)])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_sm90_permuted_matches_spec_reference(dtype: str, shape: tuple[int, ...], precision: str) -> None:
+    """TensorRT-LLM 1.2's sm90 2-D layout: the reference's steps a (row permutation), b (transpose) and d
+    (bias, reorder), without the column interleave; K needs no 64-wide tiles here (192 = 3 x 64, and for int8
+    96 below)."""
+    w = case_weight(shape, dtype, bits_of(precision), seed=shape[1])
+    qt = planned(precision, 90, shape, DTYPES[dtype], "permuted")
+    assert qt.layout is Layout.PERMUTED and qt.group == 1
+    assert stored_bytes(qt, w) == reference(w, precision, 90, "permuted")
+    if precision == "int8":
+        w = case_weight((32, 96), dtype, 8, seed=96)
+        assert stored_bytes(planned("int8", 90, (32, 96), DTYPES[dtype], "permuted"), w) == reference(
+            w, "int8", 90, "permuted"
+        )
 
 
 # --- hand-checked vectors ------------------------------------------------------------------------------
@@ -103,6 +128,18 @@ def test_int8_interleaved_bytes_by_hand() -> None:
     row1_q = [-round(i * 128 / 127) for i in first16]
     assert data[64:80].tolist() == [128 + q for q in row1_q]
     assert data[128:144].tolist() == [128 + 64 + i for i in first16]
+
+
+def test_int8_sm90_permuted_bytes_by_hand() -> None:
+    """sm90 2-D as TensorRT-LLM 1.2 writes it: each row on its own (no interleave), K order 0 8 1 9 2 10 ... in
+    every 16 values (row permutation, then the byte swap 1<->2), every byte +128."""
+    k = 64
+    w = torch.tensor([[float(i) for i in range(k - 1)] + [128.0]] * 32, dtype=torch.float32)
+    data = planned("int8", 90, (32, k), torch.float32, "permuted").quantize(w)[0].view(torch.uint8).view(-1)
+    first16 = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+    assert data[:16].tolist() == [128 + i for i in first16]
+    assert data[48:63].tolist() == [128 + 48 + i for i in first16][:15] and data[63] == 128 + 127
+    assert torch.equal(data[64:128], data[:64])  # row 1 follows row 0
 
 
 def test_int4_interleaved_bytes_by_hand() -> None:
@@ -160,16 +197,17 @@ def test_round_half_away_formula_is_exact() -> None:
     n_groups=st.integers(1, 3),
     k_tiles=st.integers(1, 3),
     dtype=st.sampled_from(list(DTYPES)),
+    sm90_layout=st.sampled_from(["column_major", "permuted"]),
     seed=st.integers(0, 2**16),
 )
 def test_round_trip_within_one_step(
-    precision: str, arch: int, experts: int, n_groups: int, k_tiles: int, dtype: str, seed: int
+    precision: str, arch: int, experts: int, n_groups: int, k_tiles: int, dtype: str, sm90_layout: str, seed: int
 ) -> None:
     bits = bits_of(precision)
     n, k = n_groups * 256 // bits, k_tiles * 64
     shape = (experts, n, k) if experts else (n, k)
     w = case_weight(shape, dtype, bits, seed)
-    qt = planned(precision, arch, shape, DTYPES[dtype])
+    qt = planned(precision, arch, shape, DTYPES[dtype], sm90_layout)
     weight, scales = qt.quantize(w)
     q = qt.unpack(weight).float()
     step = w.float().abs().amax(dim=-1, keepdim=True) / (1 << (bits - 1))  # the unrounded float32 scale
@@ -194,14 +232,17 @@ def test_round_trip_within_one_step(
     arch=st.sampled_from([80, 90]),
     experts=st.sampled_from([0, 2]),
     cuts=st.lists(st.integers(0, 64), max_size=6),
+    sm90_layout=st.sampled_from(["column_major", "permuted"]),
     seed=st.integers(0, 2**16),
 )
-def test_blocks_equal_whole_tensor(precision: str, arch: int, experts: int, cuts: list[int], seed: int) -> None:
+def test_blocks_equal_whole_tensor(
+    precision: str, arch: int, experts: int, cuts: list[int], sm90_layout: str, seed: int
+) -> None:
     bits = bits_of(precision)
     n, k = 2 * 256 // bits, 128
     shape = (experts, n, k) if experts else (n, k)
     w = case_weight(shape, "bfloat16", bits, seed)
-    qt = planned(precision, arch, shape)
+    qt = planned(precision, arch, shape, sm90_layout=sm90_layout)
     whole_weight, whole_scales = qt.quantize(w)
     rows = w.reshape(qt.rows, k)
     bounds = sorted({0, qt.rows, *(c * qt.group % qt.rows for c in cuts)})
@@ -273,13 +314,14 @@ def test_golden_covers_every_arch_precision_rank_and_dtype() -> None:
 
 
 def test_stored_shapes_for_mixtral_8x7b_experts() -> None:
-    fc = WeightOnly("int4", 90).tensor("transformer.layers.0.mlp.fc.weight", (8, 28672, 4096), "BF16")
+    fc = WeightOnly("int4", 90, "column_major").tensor("transformer.layers.0.mlp.fc.weight", (8, 28672, 4096), "BF16")
     assert fc.layout is Layout.INTERLEAVED  # MoE weights keep the sm80 layout on sm90
     assert fc.weight_shape == (8, 4096, 14336) and fc.weight_dtype == "I8"
     assert fc.scale_name == "transformer.layers.0.mlp.fc.per_channel_scale" and fc.scale_shape == (8, 28672)
     assert fc.weight_nbytes == 8 * 28672 * 4096 // 2 and fc.row_bytes == 2048 and fc.group == 4
     assert fc.scale_nbytes == 8 * 28672 * 2
-    dense = WeightOnly("int8", 90).tensor("transformer.layers.0.attention.dense.weight", (4096, 512), "BF16")
+    sm90 = WeightOnly("int8", 90, "column_major")
+    dense = sm90.tensor("transformer.layers.0.attention.dense.weight", (4096, 512), "BF16")
     assert dense.layout is Layout.COLUMN_MAJOR and dense.group == 1
     assert dense.weight_shape == (512, 4096) and dense.scale_shape == (4096,)
     assert (
@@ -301,8 +343,9 @@ def test_stored_shapes_for_mixtral_8x7b_experts() -> None:
         ("int4", 89, (64, 128), True),
     ],
 )
-def test_shape_limits(precision: str, arch: int, shape: tuple[int, ...], ok: bool) -> None:
-    problems = WeightOnly(precision, arch).check("transformer.layers.1.attention.qkv.weight", shape)
+@pytest.mark.parametrize("sm90_layout", ["column_major", "permuted"])
+def test_shape_limits(precision: str, arch: int, shape: tuple[int, ...], ok: bool, sm90_layout: str) -> None:
+    problems = WeightOnly(precision, arch, sm90_layout).check("transformer.layers.1.attention.qkv.weight", shape)
     assert (not problems) == ok
     for p in problems:
         assert p.startswith("transformer.layers.1.attention.qkv.weight: ") and str(list(shape)) in p
@@ -320,9 +363,19 @@ def test_bad_options_are_refused(precision: str, arch: int) -> None:
         WeightOnly(precision, arch)
 
 
+def test_sm90_needs_a_layout_other_archs_ignore_it() -> None:
+    """sm90 2-D bytes differ between TensorRT-LLM versions: no default, one line naming both choices."""
+    with pytest.raises(UsageError) as err:
+        WeightOnly("int8", 90)
+    assert "--weight_only_sm90_layout column_major" in str(err.value) and "permuted (1.2)" in str(err.value)
+    with pytest.raises(UsageError, match="not 'transposed'"):
+        WeightOnly("int8", 90, "transposed")
+    assert WeightOnly("int8", 80, "permuted") == WeightOnly("int8", 80)  # the same bytes: the same scheme
+
+
 def test_quant_algo_and_config_block() -> None:
-    assert WeightOnly("int8", 80).quant_algo == "W8A16" and WeightOnly("int4", 90).quant_algo == "W4A16"
-    assert WeightOnly("int4", 90).quantization_config() == {
+    assert WeightOnly("int8", 80).quant_algo == "W8A16" and WeightOnly("int4", 90, "permuted").quant_algo == "W4A16"
+    assert WeightOnly("int4", 80).quantization_config() == {
         "quant_algo": "W4A16",
         "kv_cache_quant_algo": None,
         "group_size": 128,

@@ -72,10 +72,12 @@ def pack_row(values: list[int], bits: int) -> list[int]:
     return [(values[2 * i] & 0xF) | ((values[2 * i + 1] & 0xF) << 4) for i in range(len(values) // 2)]
 
 
-def preprocess(q_KN: list[list[int]], bits: int, interleaved: bool) -> bytes:
-    """Section 3 on one quantized op-input matrix [K][N]."""
+def preprocess(q_KN: list[list[int]], bits: int, layout: str) -> bytes:
+    """Section 3 on one quantized op-input matrix [K][N]: layout "interleaved" (sm75-89, MoE), "column_major"
+    (sm90 2-D as the spec and TensorRT-LLM 0.10-0.11 write it) or "permuted" (sm90 2-D in TensorRT-LLM 1.2:
+    steps a, b and d, without the column interleave c)."""
     k_rows, n_cols = len(q_KN), len(q_KN[0])
-    if not interleaved:  # sm90 2-D: the transpose [N][K] of the signed values
+    if layout == "column_major":  # the transpose [N][K] of the signed values
         return bytes(b for n in range(n_cols) for b in pack_row([q_KN[k][n] for k in range(k_rows)], bits))
     # a. permute rows of K in groups of 16 / 32 (whole rows move, so the 32-bit words of a row move with it)
     perm = ROW_PERMUTATION[bits]
@@ -89,7 +91,9 @@ def preprocess(q_KN: list[list[int]], bits: int, interleaved: bool) -> bytes:
     words_per_col = k_rows // ept
     words = [[bytes(col[4 * w : 4 * w + 4]) for w in range(words_per_col)] for col in t_bytes]
     out_words = []
-    for g in range(n_cols // il):
+    if layout == "permuted":  # no interleave: the columns one after the other
+        out_words = [word for col in words for word in col]
+    for g in range(n_cols // il if layout == "interleaved" else 0):
         for tile in range(words_per_col // vt):
             for j in range(il):
                 out_words += words[g * il + j][tile * vt : (tile + 1) * vt]
@@ -108,15 +112,15 @@ def preprocess(q_KN: list[list[int]], bits: int, interleaved: bool) -> bytes:
     return out
 
 
-def reference(w: torch.Tensor, precision: str, arch: int) -> tuple[bytes, bytes]:
+def reference(w: torch.Tensor, precision: str, arch: int, sm90_layout: str = "column_major") -> tuple[bytes, bytes]:
     """Stored weight bytes and scale bytes for a planned weight `w` ([N, K] or [E, N, K], model dtype)."""
     bits = 8 if precision == "int8" else 4
-    interleaved = arch < 90 or w.dim() == 3
+    layout = sm90_layout if arch == 90 and w.dim() == 2 else "interleaved"
     experts = w.reshape(-1, *w.shape[-2:])
     weight, scales = b"", b""
     for expert in experts:
         w_KN = expert.t().float().tolist()  # the op input: transpose of the planned rows, values exact in float32
         q, s = quantize_matrix(w_KN, bits, w.dtype)
-        weight += preprocess(q, bits, interleaved)
+        weight += preprocess(q, bits, layout)
         scales += s
     return weight, scales
