@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import progress as progress_lines
-from .errors import MappingError, OutputError, collect, shorten
+from .errors import MappingError, OutputError, UsageError, collect, shorten
 from .execute import DEFAULT_CHUNK_BYTES, RankResult, WriteJob, execute_plans
 from .identity import run_identity
 from .jobs import MappingLike, as_request, check_unique_subdirs
@@ -27,7 +27,7 @@ from .outdir import (
     overlap_problem,
     refuse_busy,
 )
-from .plan import ConvertOptions, Plan, plan_conversion
+from .plan import ConvertOptions, Plan, convert_options, plan_conversion
 from .replan import open_model, plan_source, source_record
 from .resume import Journal, earlier_run, final_names, remove_ours, resume_state
 from .source import SourceCheckpoint
@@ -73,6 +73,10 @@ def plan(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     use_embedding_sharing: bool = False,
+    use_weight_only: bool = False,
+    weight_only_precision: str = "int8",
+    weight_only_arch: int | None = None,
+    weight_only_sm90_layout: str | None = None,
     revision: str | None = None,
 ) -> Plan:
     """Plan a conversion without reading any tensor data: what every rank file will hold.
@@ -82,12 +86,22 @@ def plan(
             config.json and the index are fetched), or a config.json file / a directory holding only
             config.json (tensor shapes implied by the config).
         tp_size, pp_size, moe_tp_size, moe_ep_size, dtype, use_parallel_embedding, embedding_sharding_dim,
-        use_embedding_sharing: as for `convert`.
+        use_embedding_sharing, use_weight_only, weight_only_precision, weight_only_arch, weight_only_sm90_layout:
+        as for `convert`.
         revision: branch, tag or commit when model_dir is a hub repo id.
 
     Raises MappingError (with `.problems`, every failing check) when the mapping does not fit the model.
     """
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
+    options = convert_options(
+        dtype,
+        use_parallel_embedding,
+        embedding_sharding_dim,
+        use_embedding_sharing,
+        use_weight_only=use_weight_only,
+        weight_only_precision=weight_only_precision,
+        weight_only_arch=weight_only_arch,
+        weight_only_sm90_layout=weight_only_sm90_layout,
+    )
     return _plan_input(model_dir, revision, resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size), options)[1]
 
 
@@ -116,6 +130,10 @@ def save_config(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     use_embedding_sharing: bool = False,
+    use_weight_only: bool = False,
+    weight_only_precision: str = "int8",
+    weight_only_arch: int | None = None,
+    weight_only_sm90_layout: str | None = None,
     force: bool = False,
     revision: str | None = None,
 ) -> Plan:
@@ -125,7 +143,16 @@ def save_config(
     as `convert` does; writes no rank file and no manifest. Arguments as for `convert`. Returns the plan.
     """
     out = check_output_arg(output_dir)
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
+    options = convert_options(
+        dtype,
+        use_parallel_embedding,
+        embedding_sharding_dim,
+        use_embedding_sharing,
+        use_weight_only=use_weight_only,
+        weight_only_precision=weight_only_precision,
+        weight_only_arch=weight_only_arch,
+        weight_only_sm90_layout=weight_only_sm90_layout,
+    )
     mapping = resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size)
     source, the_plan = _plan_input(model_dir, revision, mapping, options)
     model_path = source.config_path.parent if source.source is None else source.source.model_dir
@@ -166,6 +193,10 @@ def convert(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     use_embedding_sharing: bool = False,
+    use_weight_only: bool = False,
+    weight_only_precision: str = "int8",
+    weight_only_arch: int | None = None,
+    weight_only_sm90_layout: str | None = None,
     workers: int | None = None,
     direct_io: bool = True,
     force: bool = False,
@@ -188,6 +219,13 @@ def convert(
         use_embedding_sharing: as TensorRT-LLM's flag: leave lm_head out and set share_embedding_table in
             config.json where the embedding is tied and lm_head would be a copy of it on every rank (else
             a warning, and lm_head is written).
+        use_weight_only, weight_only_precision: as TensorRT-LLM's flags: quantize qkv, dense and the expert
+            (and shared expert) fc / proj weights to int8 or int4 with per-channel scales (W8A16 / W4A16),
+            byte-identical to TensorRT-LLM's own; docs/weight-only.md.
+        weight_only_arch: the compute capability of the GPU TensorRT-LLM will run on (75, 80, 86, 87, 89,
+            90): its weight layout depends on it. None: the visible GPU's (UsageError without one).
+        weight_only_sm90_layout: for arch 90, which TensorRT-LLM version's layout of 2-D weights:
+            "column_major" (0.10-0.11) or "permuted" (1.2); required there.
         workers: write threads; each owns some rank files and reads, hashes and writes their bytes (default:
             two per core, 8 to 16).
         direct_io: write with O_DIRECT, past the page cache, where the file system allows (False: buffered).
@@ -205,17 +243,19 @@ def convert(
     """
     started = time.perf_counter()
     out = check_output_arg(output_dir)
+    options = convert_options(
+        dtype,
+        use_parallel_embedding,
+        embedding_sharding_dim,
+        use_embedding_sharing,
+        use_weight_only=use_weight_only,
+        weight_only_precision=weight_only_precision,
+        weight_only_arch=weight_only_arch,
+        weight_only_sm90_layout=weight_only_sm90_layout,
+    )
     source = open_model(model_dir, revision)
     the_plan = plan_source(
-        source,
-        tp_size=tp_size,
-        pp_size=pp_size,
-        moe_tp_size=moe_tp_size,
-        moe_ep_size=moe_ep_size,
-        dtype=dtype,
-        use_parallel_embedding=use_parallel_embedding,
-        embedding_sharding_dim=embedding_sharding_dim,
-        use_embedding_sharing=use_embedding_sharing,
+        source, tp_size=tp_size, pp_size=pp_size, moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, options=options
     )
     jobs = [(the_plan, out)]
     result = _convert_jobs(
@@ -247,6 +287,10 @@ def convert_batch(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     use_embedding_sharing: bool = False,
+    use_weight_only: bool = False,
+    weight_only_precision: str = "int8",
+    weight_only_arch: int | None = None,
+    weight_only_sm90_layout: str | None = None,
     workers: int | None = None,
     direct_io: bool = True,
     force: bool = False,
@@ -264,7 +308,8 @@ def convert_batch(
     Args:
         model_dir, output_dir, dtype, ...: as for `convert` (shared by every mapping).
         mappings: each a dict (`{"tp": 8, "moe_ep": 8, "subdir": "ep8"}`; `tp_size`-style keys work too),
-            a string (`"tp=8,moe_ep=8"`), a MappingRequest or a resolved Mapping.
+            a string (`"tp=8,moe_ep=8"`), a MappingRequest or a resolved Mapping. A mapping's `precision`
+            (int8, int4, none) overrides the weight-only precision for it: one read, several precisions.
 
     `resume` and `verify` work on each mapping's subdirectory as for `convert`.
 
@@ -278,10 +323,21 @@ def convert_batch(
     check_unique_subdirs(requests)
     outs = [out / r.output_subdir() for r in requests]
     check_disjoint(outs, [r.describe() for r in requests])
+    options = convert_options(
+        dtype,
+        use_parallel_embedding,
+        embedding_sharding_dim,
+        use_embedding_sharing,
+        use_weight_only=use_weight_only,
+        weight_only_precision=weight_only_precision,
+        weight_only_arch=weight_only_arch,
+        weight_only_sm90_layout=weight_only_sm90_layout,
+    )
     source = open_model(model_dir, revision)
     plans, problems = [], []
     for r in requests:
         try:
+            mine = r.options(options, weight_only_arch, weight_only_sm90_layout)
             plans.append(
                 plan_source(
                     source,
@@ -289,13 +345,10 @@ def convert_batch(
                     pp_size=r.pp_size,
                     moe_tp_size=r.moe_tp_size,
                     moe_ep_size=r.moe_ep_size,
-                    dtype=dtype,
-                    use_parallel_embedding=use_parallel_embedding,
-                    embedding_sharding_dim=embedding_sharding_dim,
-                    use_embedding_sharing=use_embedding_sharing,
+                    options=mine,
                 )
             )
-        except MappingError as e:
+        except UsageError as e:  # a mapping that does not fit, or weights its precision cannot take
             problems += [f"{r.describe()}: {p}" for p in e.problems or [str(e)]]
     collect(problems, MappingError, "the batch's mappings do not fit the model")
     jobs = list(zip(plans, outs, strict=True))

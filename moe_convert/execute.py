@@ -18,12 +18,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import profiling, writer
 from .header import TensorInfo, itemsize, torch_dtype
-from .plan import Box, Plan, RankPlan
+from .plan import Box, Plan, PlannedTensor, RankPlan
+from .quantize_stream import QuantizedOutput
 from .reading import BITS, chunk_boxes, contiguous_run
 from .reading import SourceReader as _SourceReader
 from .reading import element_offset as _element_offset
@@ -41,9 +43,16 @@ class _Target:
 
     writer: RankFileWriter
     box: Box
-    offset: int  # absolute offset in the rank file
-    dtype: str  # safetensors code of the output tensor
+    offset: int  # absolute offset in the rank file (of a quantized weight: where its first row's bytes go)
+    dtype: str  # safetensors code the piece is cast to (of a quantized weight: the model dtype of its rows)
     stage: int  # pipeline stage of the rank file
+    quantized: QuantizedOutput | None = None  # the quantized weight the piece's rows are part of
+    first: int = 0  # with `quantized`: the piece's first element in the weight's rows
+
+    def position(self, sub: Box) -> int:
+        """Roughly where in the file the part `sub` of the piece lands (to read chunks in file order)."""
+        n = _element_offset(sub, self.box)
+        return self.offset + (n * self.quantized.bits // 8 if self.quantized else n * itemsize(self.dtype))
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
     item = info.itemsize
     to_read = []
     for t in sorted(targets, key=lambda t: t.offset):
-        if t.dtype == info.dtype and contiguous_run(t.box, info.shape):
+        if t.quantized is None and t.dtype == info.dtype and contiguous_run(t.box, info.shape):
             _submit_copy(ctx, info, t)
         else:
             to_read.append(t)
@@ -124,7 +133,7 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
             chunks.append((chunk, users))
     # Chunks in the order their pieces land (usually file order; not for a fused gate_up source, whose
     # gate half comes first in the source but second in mlp.fc), so files keep filling from the front.
-    chunks.sort(key=lambda c: min(t.offset + _element_offset(sub, t.box) for t, sub in c[1]))
+    chunks.sort(key=lambda c: min(t.position(sub) for t, sub in c[1]))
     for chunk, users in chunks:
         buf = ctx.buffers.take(ctx.reader.byte_range(info, chunk)[1])
         t0 = profiling.clock()
@@ -133,9 +142,14 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
         done = ctx.buffers.lend(buf, len(users))
         for t, sub in users:
             view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
-            offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
             cast = ctx.casts.get(info.dtype, t.dtype)
-            ctx.lanes.submit(t.writer.lane, functools.partial(_write_piece, ctx, view, t, offset, cast), done)
+            if t.quantized is not None:
+                first = t.first + _element_offset(sub, t.box)
+                job = functools.partial(_write_quantized, ctx, view, t, first, cast)
+            else:
+                offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
+                job = functools.partial(_write_piece, ctx, view, t, offset, cast)
+            ctx.lanes.submit(t.writer.lane, job, done)
 
 
 _lane_local = threading.local()
@@ -170,17 +184,22 @@ class _Casts:
             return functools.partial(np.copyto, casting="no")
         if (source, target) == ("BF16", "F32"):  # the usual router: bf16 is the top half of a float32
             return _widen_bf16
-        import torch  # only other conversions between dtypes need it
-
-        if not self.restore_threads:
-            self.restore_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+        torch = self.torch()  # only other conversions between dtypes need it
         src, dst = torch_dtype(source), torch_dtype(target)
 
         def cast(out: np.ndarray, part: np.ndarray) -> None:
             torch.from_numpy(out).view(dst).copy_(torch.from_numpy(part).view(src))
 
         return cast
+
+    def torch(self) -> Any:
+        """torch, with one thread per op (for casts and quantization on the lanes, which run in parallel)."""
+        import torch
+
+        if not self.restore_threads:
+            self.restore_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return torch
 
     def close(self) -> None:
         if self.restore_threads:
@@ -207,6 +226,27 @@ def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast:
         profiling.current.add("gather_cast", t0, n * item)
         t.writer.write(offset + _element_offset(block, whole) * item, out[:n])
         ctx.on_bytes(n * item)
+
+
+def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast) -> None:
+    """On the lane: gather and cast `view` (elements [first, ...) of a quantized weight's rows) into the model
+    dtype block by block, and hand the blocks to the weight, which quantizes whole row groups and writes them."""
+    q = t.quantized
+    assert q is not None
+    item = itemsize(t.dtype)
+    ctx.casts.torch()
+    whole = tuple((0, d) for d in view.shape)
+    out = _block(item)
+    # Blocks of whole row groups where the view allows, so rows are seldom held back for the next block.
+    limit = max(1, CAST_BLOCK_BYTES // (q.group_elements * item)) * q.group_elements * item
+    for block in chunk_boxes(tuple(view.shape), item, limit):
+        part = view[tuple(slice(s, e) for s, e in block)]
+        n = part.size
+        t0 = profiling.clock()
+        cast(out[:n].reshape(part.shape), part)
+        profiling.current.add("gather_cast", t0, n * item)
+        q.add(first + _element_offset(block, whole), out[:n], t.writer)
+        ctx.on_bytes(q.take_written())
 
 
 def _submit_copy(ctx: _Context, info: TensorInfo, t: _Target) -> None:
@@ -275,10 +315,8 @@ def execute_plans(
                 )
                 writers[-1].append(w)
                 for t in r.tensors:
-                    for p in t.pieces:
-                        offset = w.layout.offsets[t.name] + p.dst_offset
-                        target = _Target(w, p.box, offset, t.dtype, r.coords.pp_rank)
-                        by_source.setdefault(p.source, []).append(target)
+                    for target, source in _targets(w, t, r.coords.pp_rank):
+                        by_source.setdefault(source, []).append(target)
         order = _write_order(by_source, tensors)
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
         lock = threading.Lock()
@@ -317,6 +355,23 @@ def execute_plans(
         if reader is not None:
             reader.close()
         profiling.end(f"{n_files} rank files, {lanes.count} write threads, {buffer_bytes >> 10} KiB staging")
+
+
+def _targets(w: RankFileWriter, t: PlannedTensor, stage: int) -> list[tuple[_Target, str]]:
+    """Where each piece of an output tensor goes, with its source tensor's name. A quantized weight's
+    pieces feed one QuantizedOutput, which also writes the weight's scales (a tensor with no pieces)."""
+    base = w.layout.offsets[t.name]
+    if t.quantized is None:
+        return [(_Target(w, p.box, base + p.dst_offset, t.dtype, stage), p.source) for p in t.pieces]
+    qt = t.quantized.tensor()
+    q = QuantizedOutput(qt, base, w.layout.offsets[t.quantized.scale])
+    item = itemsize(t.piece_dtype)
+    targets = []
+    for p in t.pieces:
+        first = p.dst_offset // item
+        offset = base + first // qt.shape[-1] * qt.row_bytes
+        targets.append((_Target(w, p.box, offset, t.piece_dtype, stage, q, first), p.source))
+    return targets
 
 
 def _write_order(by_source: dict[str, list[_Target]], tensors: dict[str, TensorInfo]) -> list[str]:

@@ -6,12 +6,19 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bounded_json import MAX_INT_DIGITS, parse_json
 from .errors import ConfigError, MappingError, UsageError, collect
 from .files import read_regular
 from .mapping import Mapping, resolve_mapping
+
+if TYPE_CHECKING:
+    from .plan import ConvertOptions
+
+# A mapping's own weight-only precision: `precision=int4` (none: not quantized, whatever the batch says).
+PRECISION_KEYS = ("precision", "weight_only_precision")
+PRECISIONS = ("int8", "int4", "none")
 
 # Accepted spellings of each size key, short first (`tp=8`), then the CLI's (`tp_size=8`).
 _KEYS = {
@@ -33,6 +40,10 @@ _JOB_KEYS: dict[str, type | tuple[type, ...]] = {
     "no_direct_io": bool,
     "force": bool,
     "use_embedding_sharing": bool,
+    "use_weight_only": bool,
+    "weight_only_precision": str,
+    "weight_only_arch": int,
+    "weight_only_sm90_layout": str,
     "mappings": list,
 }
 
@@ -42,7 +53,8 @@ class MappingRequest:
     """One requested mapping of a batch; MoE sizes left None resolve as in the spec.
 
     `subdir` is where its files go under the batch output dir (default: the mapping's label,
-    e.g. `tp8_pp1_moetp1_moeep8`).
+    e.g. `tp8_pp1_moetp1_moeep8`, and its precision if it names one: `..._int4`). `weight_only_precision`
+    (int8, int4, or none) replaces the batch's weight-only precision for this mapping.
     """
 
     tp_size: int = 1
@@ -50,6 +62,13 @@ class MappingRequest:
     moe_tp_size: int | None = None
     moe_ep_size: int | None = None
     subdir: str | None = None
+    weight_only_precision: str | None = None
+
+    def options(self, base: ConvertOptions, arch: int | None, sm90_layout: str | None) -> ConvertOptions:
+        """The batch's options with this mapping's precision, if it names one (`arch` None: the GPU's)."""
+        if self.weight_only_precision is None:
+            return base
+        return base.with_weight_only(self.weight_only_precision, arch, sm90_layout)
 
     def resolve(self) -> Mapping:
         return resolve_mapping(self.tp_size, self.pp_size, self.moe_tp_size, self.moe_ep_size)
@@ -71,22 +90,25 @@ class MappingRequest:
             parts.append(f"moe_tp={self.moe_tp_size}")
         if self.moe_ep_size is not None:
             parts.append(f"moe_ep={self.moe_ep_size}")
+        if self.weight_only_precision is not None:
+            parts.append(f"precision={self.weight_only_precision}")
         return ",".join(parts)
 
     def output_subdir(self) -> str:
         if self.subdir:
             return self.subdir
         try:
-            return self.resolve().label()
+            label = self.resolve().label()
         except MappingError:  # reported by the planner; any unique name will do meanwhile
             return self.describe().replace(",", "_").replace("=", "")
+        return label if self.weight_only_precision is None else f"{label}_{self.weight_only_precision}"
 
 
 MappingLike = MappingRequest | Mapping | dict[str, Any] | str
 
 
 def parse_mapping(text: str) -> MappingRequest:
-    """`tp=8,moe_tp=2,moe_ep=4` (also `tp_size=8`, and `subdir=NAME`) -> a request."""
+    """`tp=8,moe_tp=2,moe_ep=4` (also `tp_size=8`, `subdir=NAME` and `precision=int4`) -> a request."""
     request, problems = _parse_mapping(text)
     collect(problems, UsageError, f"--mapping {text!r} is invalid")
     assert request is not None
@@ -107,7 +129,8 @@ def _parse_mapping(text: str, where: str = "") -> tuple[MappingRequest | None, l
 
 
 def mapping_from_dict(raw: dict[str, Any], where: str = "mapping") -> MappingRequest:
-    """A dict with keys tp/pp/moe_tp/moe_ep (or tp_size/...), and optional subdir (or output_dir)."""
+    """A dict with keys tp/pp/moe_tp/moe_ep (or tp_size/...), and optional subdir (or output_dir) and
+    precision (int8, int4, none)."""
     request, problems = _mapping_from_dict(raw, where)
     collect(problems, UsageError, f"{where} is invalid")
     assert request is not None
@@ -117,15 +140,21 @@ def mapping_from_dict(raw: dict[str, Any], where: str = "mapping") -> MappingReq
 def _mapping_from_dict(raw: dict[str, Any], where: str) -> tuple[MappingRequest | None, list[str]]:
     sizes: dict[str, int] = {}
     subdir: str | None = None
+    precision: str | None = None
     problems = []
     for key, value in raw.items():
         if key in ("subdir", "output_dir"):
             subdir, problem = _check_subdir(str(value), where)
             problems += [problem] if problem else []
             continue
+        if key in PRECISION_KEYS:
+            precision = str(value).lower()
+            if precision not in PRECISIONS:
+                problems.append(f"{where}: precision={value!r} is not one of {', '.join(PRECISIONS)}")
+            continue
         name = _KEYS.get(key, key)
         if name not in _KEYS.values():
-            problems.append(f"{where}: unknown key {key!r} (use {', '.join(_KEYS)}, subdir)")
+            problems.append(f"{where}: unknown key {key!r} (use {', '.join(_KEYS)}, subdir, precision)")
             continue
         if name in sizes:
             problems.append(f"{where}: {key} given twice")
@@ -138,7 +167,8 @@ def _mapping_from_dict(raw: dict[str, Any], where: str) -> tuple[MappingRequest 
             problems.append(f"{where}: {key}={value!r} is not a whole number")
     if "tp_size" not in sizes and not problems:
         problems.append(f"{where}: tp is required (e.g. tp=8,moe_ep=8)")
-    return (None if problems else MappingRequest(subdir=subdir, **sizes)), problems
+    request = MappingRequest(subdir=subdir, weight_only_precision=precision, **sizes)
+    return (None if problems else request), problems
 
 
 def as_request(m: MappingLike) -> MappingRequest:

@@ -16,6 +16,7 @@ from .errors import CheckpointError, MappingError, UsageError, collect
 from .header import FLOAT_CODES, itemsize
 from .mapping import Mapping, RankCoords, check_model_fit, stage_layers
 from .model_config import ModelSpec, evaluate
+from .weight_only import Layout, QuantizedTensor, WeightOnly, resolve_arch
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,57 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How a weight-only quantized weight and its per_channel_scale are made from the weight's pieces.
+
+    The pieces fill the rows of `rows_shape` (`[N, K]` or `[E, N, K]`, out x in features) in `rows_dtype`,
+    the model dtype, exactly as they would fill the unquantized tensor; those rows are quantized one per
+    scale and laid out for TensorRT-LLM's mixed GEMM (weight_only.py). Both tensors carry this; the scale
+    tensor has no pieces of its own.
+    """
+
+    precision: str  # int8 / int4
+    arch: int  # the target GPU's compute capability
+    layout: str  # weight_only.Layout value: interleaved, column_major or permuted
+    rows_shape: tuple[int, ...]
+    rows_dtype: str  # safetensors code of the model dtype
+    weight: str  # the quantized weight's name
+    scale: str  # its per_channel_scale's name
+
+    def tensor(self) -> QuantizedTensor:
+        return QuantizedTensor(self.weight, self.rows_shape, self.rows_dtype, self.precision, Layout(self.layout))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "arch": self.arch,
+            "layout": self.layout,
+            "rows_shape": list(self.rows_shape),
+            "rows_dtype": self.rows_dtype,
+            "weight": self.weight,
+            "scale": self.scale,
+        }
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
-    """One output tensor. Bytes no piece covers are zero (vocab padding)."""
+    """One output tensor. Bytes no piece covers are zero (vocab padding), unless it is `quantized`: then
+    its bytes are computed from its weight's pieces."""
 
     name: str
     dtype: str  # safetensors dtype code
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    quantized: Quantization | None = None
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def piece_dtype(self) -> str:
+        """The dtype the pieces are cast to: the model dtype of the rows a quantized weight is made from."""
+        return self.quantized.rows_dtype if self.quantized else self.dtype
 
 
 @dataclass(frozen=True)
@@ -85,20 +126,78 @@ class ConvertOptions:
     use_parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
     use_embedding_sharing: bool = False  # leave out lm_head where it would be the embedding (see _share_embedding)
+    # Weight-only quantization of the rules' `weight_only` weights: int8 / int4, None for none; the target
+    # GPU arch; for arch 90 which TensorRT-LLM version's layout of 2-D weights (weight_only.SM90_LAYOUTS).
+    weight_only_precision: str | None = None
+    weight_only_arch: int | None = None
+    weight_only_sm90_layout: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """As recorded in manifests and journals (the weight-only keys only when quantizing, so unquantized
+        runs keep their identity across versions)."""
+        out: dict[str, Any] = {
             "dtype": self.dtype,
             "use_parallel_embedding": self.use_parallel_embedding,
             "embedding_sharding_dim": self.embedding_sharding_dim,
             "use_embedding_sharing": self.use_embedding_sharing,
         }
+        if self.weight_only_precision is not None:
+            out["weight_only_precision"] = self.weight_only_precision
+            out["weight_only_arch"] = self.weight_only_arch
+            out["weight_only_sm90_layout"] = self.weight_only_sm90_layout
+        return out
+
+    @property
+    def weight_only(self) -> WeightOnly | None:
+        """The quantization scheme (checked: a bad precision or arch raises UsageError), or None."""
+        if self.weight_only_precision is None:
+            return None
+        if self.weight_only_arch is None:
+            raise UsageError(f"weight-only {self.weight_only_precision}: no target arch given (--weight_only_arch)")
+        return WeightOnly(self.weight_only_precision, self.weight_only_arch, self.weight_only_sm90_layout)
+
+    def with_weight_only(
+        self, precision: str | None, arch: int | None, sm90_layout: str | None = None
+    ) -> ConvertOptions:
+        """These options quantizing to `precision` (None or "none": not at all). `arch` None asks the visible
+        GPU (UsageError without one); the scheme is checked here, before anything is read."""
+        if precision in (None, "none"):
+            return replace(self, weight_only_precision=None, weight_only_arch=None, weight_only_sm90_layout=None)
+        assert precision is not None
+        scheme = WeightOnly(precision, resolve_arch(arch), sm90_layout)
+        return replace(
+            self,
+            weight_only_precision=scheme.precision,
+            weight_only_arch=scheme.arch,
+            weight_only_sm90_layout=scheme.sm90_layout,
+        )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ConvertOptions:
         """The options a manifest or journal recorded (a key it lacks takes its default)."""
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def convert_options(
+    dtype: str = "auto",
+    use_parallel_embedding: bool = False,
+    embedding_sharding_dim: int = 0,
+    use_embedding_sharing: bool = False,
+    *,
+    use_weight_only: bool = False,
+    weight_only_precision: str = "int8",
+    weight_only_arch: int | None = None,
+    weight_only_sm90_layout: str | None = None,
+) -> ConvertOptions:
+    """The options of the library's and CLI's keyword arguments (TensorRT-LLM's spellings), checked.
+
+    With `use_weight_only`, `weight_only_arch` None means the visible GPU's (UsageError without one).
+    """
+    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
+    if not use_weight_only:
+        return options
+    return options.with_weight_only(weight_only_precision, weight_only_arch, weight_only_sm90_layout)
 
 
 @dataclass(frozen=True)
@@ -421,6 +520,7 @@ def plan_conversion(
         options: output dtype and embedding options.
     """
     options = options or ConvertOptions()
+    scheme = options.weight_only
     problems = check_model_fit(mapping, spec) + _split_problems(spec, mapping) + _size_problems(spec, mapping)
     if options.embedding_sharding_dim not in (0, 1):
         problems.append(f"--embedding_sharding_dim must be 0 or 1, got {options.embedding_sharding_dim}")
@@ -447,6 +547,7 @@ def plan_conversion(
         return refs[(key, layer, expert)]
 
     ranks = []
+    too_small: dict[str, None] = {}  # weights the weight-only kernels cannot take, once per rule and shape
     for coords in mapping.ranks():
         ctx = _Context(spec, mapping, options, coords, resolve)
         layers = stage_layers(spec.num_layers, mapping.pp_size, coords.pp_rank)
@@ -465,7 +566,13 @@ def plan_conversion(
             out = _TensorBuilder(out_dtype)
             shape = SPLITS[rule["split"]](ctx, rule["sources"], layer, out)
             name = rule["target"].format(local_layer=local)
-            tensors.append(PlannedTensor(name, out_dtype, tuple(shape), tuple(out.pieces)))
+            planned = PlannedTensor(name, out_dtype, tuple(shape), tuple(out.pieces))
+            if scheme is None or not rule.get("weight_only"):
+                tensors.append(planned)
+            elif problems := scheme.check(rule["target"].format(local_layer="N"), planned.shape):
+                too_small.update(dict.fromkeys(problems))
+            else:
+                tensors += _quantize(scheme, planned)
         ranks.append(
             RankPlan(
                 coords=coords,
@@ -476,6 +583,7 @@ def plan_conversion(
                 tensors=_file_order(tensors),
             )
         )
+    collect(list(too_small), UsageError, "weights that TensorRT-LLM's weight-only kernels cannot take")
     shared = False
     if options.use_embedding_sharing:
         ranks, why_not = _share_embedding(spec, ranks)
@@ -483,6 +591,18 @@ def plan_conversion(
         if why_not:
             warnings = (*warnings, f"--use_embedding_sharing does not apply: {why_not}; lm_head is written")
     return Plan(spec, mapping, options, dtype, layout, tuple(ranks), sources, warnings, shared)
+
+
+def _quantize(scheme: WeightOnly, planned: PlannedTensor) -> tuple[PlannedTensor, PlannedTensor]:
+    """A planned weight as its quantized form and its per_channel_scale, next to each other in the file."""
+    qt = scheme.tensor(planned.name, planned.shape, planned.dtype)
+    # Every row is quantized from its own values: a padded tensor (lm_head's vocab) is not quantizable.
+    assert sum(p.numel for p in planned.pieces) == math.prod(planned.shape), f"{planned.name} has padding"
+    how = Quantization(
+        scheme.precision, scheme.arch, qt.layout.value, planned.shape, planned.dtype, planned.name, qt.scale_name
+    )
+    weight = PlannedTensor(planned.name, qt.weight_dtype, qt.weight_shape, planned.pieces, how)
+    return weight, PlannedTensor(qt.scale_name, planned.dtype, qt.scale_shape, (), how)
 
 
 def _share_embedding(spec: ModelSpec, ranks: list[RankPlan]) -> tuple[list[RankPlan], str | None]:

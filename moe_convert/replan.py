@@ -46,9 +46,11 @@ def plan_source(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     use_embedding_sharing: bool = False,
+    options: ConvertOptions | None = None,
 ) -> Plan:
+    """Plan a conversion of an opened source; `options`, when given, replaces dtype ... use_embedding_sharing."""
     mapping = resolve_mapping(tp_size, pp_size, moe_tp_size, moe_ep_size)
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
+    options = options or ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
     headers = {n: SourceTensor(t.dtype, t.shape) for n, t in source.tensors.items()}
     plan = plan_conversion(source.spec, headers, mapping, options)
     for w in plan.warnings:

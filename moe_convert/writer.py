@@ -101,9 +101,12 @@ def layout_rank_file(rank: RankPlan) -> FileLayout:
 
 
 def padding_ranges(rank: RankPlan, layout: FileLayout) -> list[tuple[int, int]]:
-    """Byte ranges no piece writes (vocab padding): they stay zero from the file's creation."""
+    """Byte ranges no piece writes (vocab padding): they stay zero from the file's creation. A quantized
+    weight and its scales are computed whole from the weight's pieces: no padding."""
     gaps = []
     for t in rank.tensors:
+        if t.quantized is not None:
+            continue
         base, covered = layout.offsets[t.name], 0
         item = itemsize(t.dtype)
         for p in sorted(t.pieces, key=lambda p: p.dst_offset):

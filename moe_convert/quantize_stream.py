@@ -1,0 +1,117 @@
+"""One weight-only quantized weight of one rank file, filled from its rows as the executor reads them.
+
+The executor's lanes hand over the weight's rows (in the model dtype) as runs of elements in row-major
+order, in any order and in any sizes: a source chunk need not end on a row, let alone on a row group.
+Whole row groups are quantized at once and written where they go (weight_only.py: a block of whole groups
+is one contiguous byte range of the stored weight); a group cut by a run's edge waits, copied, for its other
+rows (a few KB). The scales are kept until the last row is in, then written as one tensor: it follows the
+weight in the file, so with rows arriving in order it is streamed as the file's next bytes.
+
+Every call comes from the rank file's own lane, one at a time, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import profiling
+from .header import itemsize, torch_dtype
+from .weight_only import QuantizedTensor
+from .writer import RankFileWriter
+
+# Stored bytes a lane quantizes into at a time (reused): at most a block of model-dtype input per step.
+_OUT_BYTES = 4 * 2**20
+_lane_local = threading.local()
+
+
+def _out_buffer(n: int) -> np.ndarray:
+    """This lane's reused uint8 buffer for stored bytes, at least `n` long."""
+    buf: np.ndarray | None = getattr(_lane_local, "out", None)
+    if buf is None or buf.size < n:
+        buf = _lane_local.out = np.empty(max(n, _OUT_BYTES), dtype=np.uint8)
+    return buf[:n]
+
+
+class QuantizedOutput:
+    """A quantized weight (and its per_channel_scale) being written into one rank file."""
+
+    def __init__(self, qt: QuantizedTensor, weight_offset: int, scale_offset: int) -> None:
+        self.qt = qt
+        self.weight_offset = weight_offset  # absolute offsets in the rank file
+        self.scale_offset = scale_offset
+        self.k = qt.shape[-1]
+        self.group_elements = qt.group * self.k
+        self.total = qt.rows * self.k
+        self.received = 0  # elements handed over so far
+        self.pending: dict[int, tuple[np.ndarray, list[int]]] = {}  # group start -> (its elements, [filled])
+        self.scales: np.ndarray | None = None  # the scale bytes, made at the first rows
+        self.written = 0  # bytes written and not yet reported (take_written)
+
+    @property
+    def bits(self) -> int:
+        return self.qt.bits
+
+    def add(self, start: int, values: np.ndarray, writer: RankFileWriter) -> None:
+        """Elements [start, start + len(values)) of the rows (raw bits of the model dtype, contiguous)."""
+        end = start + values.size
+        if start < 0 or end > self.total:
+            raise ValueError(f"{self.qt.name}: elements [{start}, {end}) are outside its {self.total}")
+        g = self.group_elements
+        pos, rest = start, values
+        if pos % g:  # the end of a group begun elsewhere
+            take = min(end, pos - pos % g + g) - pos
+            self._hold(pos, rest[:take], writer)
+            pos, rest = pos + take, rest[take:]
+        whole = (end - pos) // g * g
+        if whole:
+            self._quantize(pos, rest[:whole], writer)
+        if pos + whole < end:  # the start of a group that ends elsewhere
+            self._hold(pos + whole, rest[whole:], writer)
+        self.received += values.size
+        if self.received == self.total:
+            if self.pending:
+                raise ValueError(f"{self.qt.name}: every element arrived but {len(self.pending)} row groups are open")
+            assert self.scales is not None
+            writer.write(self.scale_offset, self.scales)
+            self.written += self.scales.size
+            self.scales = None
+
+    def take_written(self) -> int:
+        """Bytes written since the last call (for progress)."""
+        n, self.written = self.written, 0
+        return n
+
+    def _hold(self, pos: int, values: np.ndarray, writer: RankFileWriter) -> None:
+        g = self.group_elements
+        first = pos - pos % g
+        buf, filled = self.pending.setdefault(first, (np.empty(g, dtype=values.dtype), [0]))
+        buf[pos - first : pos - first + values.size] = values
+        filled[0] += values.size
+        if filled[0] == g:
+            del self.pending[first]
+            self._quantize(first, buf, writer)
+
+    def _quantize(self, pos: int, values: np.ndarray, writer: RankFileWriter) -> None:
+        """Whole row groups starting at element `pos`: their stored bytes written, their scales kept."""
+        import torch
+
+        qt = self.qt
+        rows, row0 = values.size // self.k, pos // self.k
+        # a block of at most a few MB per step keeps the stored bytes' buffer small
+        step = max(qt.group, _OUT_BYTES // qt.row_bytes // qt.group * qt.group)
+        item = itemsize(qt.dtype)
+        if self.scales is None:
+            self.scales = np.zeros(qt.rows * item, dtype=np.uint8)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            x = torch.from_numpy(values[r0 * self.k : r1 * self.k]).view(torch_dtype(qt.dtype)).view(r1 - r0, self.k)
+            out = _out_buffer((r1 - r0) * qt.row_bytes)
+            t0 = profiling.clock()
+            _, scales = qt.quantize_rows(x, out=torch.from_numpy(out))
+            profiling.current.add("quantize", t0, out.size)
+            first_row = row0 + r0
+            self.scales[first_row * item : (first_row + r1 - r0) * item] = scales.view(torch.uint8).numpy()
+            writer.write(self.weight_offset + first_row * qt.row_bytes, out)
+            self.written += out.size
