@@ -226,6 +226,38 @@ def common_options(fn: F) -> F:
     )
 
 
+weight_only_options = [
+    _opt(
+        "--use_weight_only",
+        is_flag=True,
+        help="Quantize qkv, dense and the expert (and shared expert) fc/proj weights to --weight_only_precision "
+        "with per-channel scales, byte-identical to TensorRT-LLM's; no GPU needed (docs/weight-only.md).",
+    ),
+    _opt(
+        "--weight_only_precision",
+        type=click.Choice(trtllm_flags.WEIGHT_ONLY_PRECISIONS),
+        is_flag=False,
+        flag_value="int8",
+        default=None,
+        help="int8 (W8A16, default) or int4 (W4A16). A --mapping's precision=... overrides it in a batch.",
+    ),
+    _opt(
+        "--weight_only_arch",
+        type=int,
+        default=None,
+        help="Compute capability of the GPU TensorRT-LLM will run on (75, 80, 86, 87, 89 or 90): the weight "
+        "layout depends on it [default: the visible GPU's; without one, this option is required].",
+    ),
+    _opt(
+        "--weight_only_sm90_layout",
+        type=click.Choice(["column_major", "permuted"]),
+        default=None,
+        help="With arch 90 (required there): TensorRT-LLM's layout of 2-D weights changed between versions: "
+        "column_major as 0.10-0.11 (the spec), permuted as 1.2. docs/weight-only.md shows how to check yours.",
+    ),
+]
+
+
 def mapping_options(fn: F) -> F:
     return _apply(
         fn,
@@ -269,6 +301,7 @@ def mapping_options(fn: F) -> F:
                 "rank (tp 1, or --use_parallel_embedding with dim 0; pp 1), leave lm_head out and set "
                 "share_embedding_table in config.json; otherwise a one-line warning.",
             ),
+            *weight_only_options,
         ],
     )
 
@@ -460,8 +493,12 @@ def plan_command(json_out: bool, quiet: bool, debug: bool, **_: Any) -> None:
     config). No tensor data is read and nothing is written. Exit code 0 when every check passes.
     """
     from .cli_batch import run
+    from .errors import UsageError, collect
 
     progress = _setup_logging(quiet, debug)
+    params = click.get_current_context().params
+    problems = trtllm_flags.weight_only_problems(params["use_weight_only"], params["weight_only_precision"])
+    collect(problems, UsageError, "weight-only options moe-convert does not do")
     run(click.get_current_context(), "plan", json_out=json_out, progress=progress)
 
 

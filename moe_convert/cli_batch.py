@@ -31,12 +31,25 @@ JOB_OPTIONS = (
     "use_parallel_embedding",
     "embedding_sharding_dim",
     "use_embedding_sharing",
+    "use_weight_only",
+    "weight_only_precision",
+    "weight_only_arch",
+    "weight_only_sm90_layout",
     "workers",
     "no_direct_io",
     "force",
 )
 # Options that change what is planned and written (passed to every library call alike).
-PLAN_OPTIONS = ("dtype", "use_parallel_embedding", "embedding_sharding_dim", "use_embedding_sharing")
+PLAN_OPTIONS = (
+    "dtype",
+    "use_parallel_embedding",
+    "embedding_sharding_dim",
+    "use_embedding_sharing",
+    "use_weight_only",
+    "weight_only_precision",
+    "weight_only_arch",
+    "weight_only_sm90_layout",
+)
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -108,7 +121,22 @@ def _arguments(ctx: click.Context) -> tuple[dict[str, Any], list[MappingRequest]
             )
     if not params.get("model_dir"):
         raise UsageError("--model_dir is required (or a --job_file that names model_dir)")
+    _weight_only_arguments(params, requests)
     return params, requests
+
+
+def _weight_only_arguments(params: dict[str, Any], requests: list[MappingRequest] | None) -> None:
+    """TensorRT-LLM's int8 default; an arch or layout with nothing to quantize is refused (it would be silently
+    ignored)."""
+    params["weight_only_precision"] = params.get("weight_only_precision") or "int8"
+    quantizing = params.get("use_weight_only") or any(
+        r.weight_only_precision not in (None, "none") for r in requests or []
+    )
+    given = [f"--{n} {params[n]}" for n in ("weight_only_arch", "weight_only_sm90_layout") if params.get(n)]
+    if given and not quantizing:
+        raise UsageError(
+            f"{' and '.join(given)}: nothing is quantized; add --use_weight_only (or a --mapping precision=int8)"
+        )
 
 
 def _option_check(ctx: click.Context) -> OptionCheck:
@@ -152,12 +180,12 @@ def _check_config_flags(params: dict[str, Any], flags: dict[str, Any]) -> None:
     from .config_only import open_for_plan
     from .convert import plan_input_settings
     from .mapping import Mapping
-    from .plan import ConvertOptions, plan_conversion
+    from .plan import convert_options, plan_conversion
     from .trtllm_config import trtllm_config
     from .trtllm_flags import disagreements
 
     source = open_for_plan(params["model_dir"], revision=params.get("revision"), dtype=params["dtype"])
-    options = ConvertOptions(**{k: params[k] for k in PLAN_OPTIONS})
+    options = convert_options(**{k: params[k] for k in PLAN_OPTIONS})
     # These keys do not depend on the mapping: any plan's config.json has the same values.
     the_plan = plan_conversion(source.spec, source.headers, Mapping(), options)
     config = trtllm_config(the_plan, plan_input_settings(source))

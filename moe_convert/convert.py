@@ -464,5 +464,10 @@ def _convert_jobs(
 def _headline(jobs: list[WriteJob], total: int) -> str:
     """What a conversion is about to write, for the first progress line of a log."""
     files = sum(len(job.ranks()) for job in jobs)
-    where = ", ".join(f"{job.output_dir} ({job.plan.mapping.describe()}, {job.plan.dtype})" for job in jobs)
+    where = ", ".join(f"{job.output_dir} ({job.plan.mapping.describe()}, {_precision(job.plan)})" for job in jobs)
     return shorten(f"{count(files, 'rank file')}, {human_bytes(total)} of tensor data into {where}")
+
+
+def _precision(plan: Plan) -> str:
+    scheme = plan.options.weight_only
+    return plan.dtype if scheme is None else f"{plan.dtype}, weight-only {scheme.precision} for sm{scheme.arch}"

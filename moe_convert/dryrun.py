@@ -23,7 +23,8 @@ from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .outdir import check_output_arg, overlap_problem
-from .plan import CODE_NAMES, ConvertOptions, Plan, plan_conversion
+from .plan import CODE_NAMES, ConvertOptions, Plan, PlannedTensor, convert_options, plan_conversion
+from .quantize_stream import LANE_BYTES as QUANTIZE_LANE_BYTES
 from .units import count, human_bytes
 from .writer import staging_buffer_bytes, write_thread_count
 
@@ -121,6 +122,10 @@ def dry_run(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     use_embedding_sharing: bool = False,
+    use_weight_only: bool = False,
+    weight_only_precision: str = "int8",
+    weight_only_arch: int | None = None,
+    weight_only_sm90_layout: str | None = None,
     workers: int | None = None,
     force: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -133,8 +138,9 @@ def dry_run(
         tp_size, pp_size, moe_tp_size, moe_ep_size: one mapping, as for `convert`.
         mappings: several mappings, as for `convert_batch` (the sizes above are then ignored).
         output_dir: where the conversion would write; enables the output-dir and free-space checks.
-        dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing, workers, force,
-        chunk_bytes, revision: as for `convert`.
+        dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing, use_weight_only,
+        weight_only_precision, weight_only_arch, weight_only_sm90_layout, workers, force, chunk_bytes,
+        revision: as for `convert` (sizes are the quantized ones; a mapping's `precision` overrides).
 
     Mapping problems do not raise: they are in the checks (`ok`, `exit_code`, `problems`). Unreadable
     input (no config.json, a broken index, a hub error) raises as `convert` would.
@@ -149,13 +155,23 @@ def dry_run(
         if not requests:
             raise UsageError("no mappings given; pass at least one")
         check_unique_subdirs(requests)
+    options = convert_options(
+        dtype,
+        use_parallel_embedding,
+        embedding_sharding_dim,
+        use_embedding_sharing,
+        use_weight_only=use_weight_only,
+        weight_only_precision=weight_only_precision,
+        weight_only_arch=weight_only_arch,
+        weight_only_sm90_layout=weight_only_sm90_layout,
+    )
     source = open_for_plan(model_dir, revision=revision, dtype=dtype)
-    options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
     out = None if output_dir is None else check_output_arg(output_dir)
     jobs = []
     for r in requests:
         job_out = None if out is None else out / r.output_subdir() if batch else out
-        jobs.append(_job(source, r, options, job_out, force, workers, chunk_bytes, check_disk=not batch))
+        mine = r.options(options, weight_only_arch, weight_only_sm90_layout)
+        jobs.append(_job(source, r, mine, job_out, force, workers, chunk_bytes, check_disk=not batch))
     plans = [j.plan for j in jobs if j.plan is not None]
     memory = memory_bound(plans, workers=workers, chunk_bytes=chunk_bytes)
     needed = sum(j.document["disk"]["needed_bytes"] for j in jobs)
@@ -262,11 +278,13 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
     for r in plan.ranks:
         for t in r.tensors:
             data_bytes += t.nbytes
+            if t.quantized is not None and not t.pieces:  # a per_channel_scale: computed, not copied
+                distinct_bytes += t.nbytes
             for p in t.pieces:
                 key = (p.source, p.box, t.dtype)
                 if key not in distinct:
                     distinct.add(key)
-                    distinct_bytes += p.numel * itemsize(t.dtype)
+                    distinct_bytes += p.numel * itemsize(t.piece_dtype) * t.nbytes // _rows_bytes(t)
     return {
         "parameters": params,
         "source_bytes": source_bytes,
@@ -277,6 +295,13 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
     }
 
 
+def _rows_bytes(t: PlannedTensor) -> int:
+    """The bytes of the rows a tensor's pieces fill: its own, or a quantized weight's model-dtype rows."""
+    if t.quantized is None:
+        return t.nbytes
+    return math.prod(t.quantized.rows_shape) * itemsize(t.quantized.rows_dtype)
+
+
 def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:
     """Peak host memory of a conversion, from how the executor works (execute.py, writer.py).
 
@@ -284,14 +309,20 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     each write thread slices and casts its pieces from them a block (4 MiB of output) at a time; every
     rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
     hosts) or 8 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
-    their rank files count together. Nothing else grows with the model. So:
+    their rank files count together. Weight-only quantization adds, per write thread, its stored-bytes
+    buffer and scratch (QUANTIZE_LANE_BYTES), and per rank file the scales of the quantized weights being
+    filled (at most two at a time: a weight's sources are read before the next weight's, except where a
+    fused gate_up source feeds two). Nothing else grows with the model. So:
 
-        bound = base + 2 * chunk_bytes + write_threads * block + rank_files * depth * staging_buffer
+        bound = base + 2 * chunk_bytes + write_threads * (block + quantize) + rank_files * depth * staging_buffer
+                + rank_files * 2 * largest scales
     """
     n_files = sum(len(plan.ranks) for plan in plans)
     threads = write_thread_count(workers, n_files)
     staging = n_files * writer.DEPTH * staging_buffer_bytes(n_files)
-    bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging
+    scales = [t.nbytes for plan in plans for r in plan.ranks for t in r.tensors if t.quantized and not t.pieces]
+    quantize = (threads * QUANTIZE_LANE_BYTES + n_files * 2 * max(scales)) if scales else 0
+    bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
     return {
         "bound_bytes": bound,
         "base_bytes": BASE_MEMORY_BYTES,
@@ -300,7 +331,8 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
         "read_buffers": READ_BUFFERS,
         "cast_block_bytes": CAST_BLOCK_BYTES,
         "staging_bytes": staging,
-        "formula": "base + read_buffers * chunk_bytes + workers * cast_block_bytes + staging_bytes",
+        "quantize_bytes": quantize,
+        "formula": "base + read_buffers * chunk_bytes + workers * cast_block_bytes + staging_bytes + quantize_bytes",
     }
 
 
@@ -396,6 +428,7 @@ def render_text(run: DryRun) -> str:
         f"memory bound: {human_bytes(m['bound_bytes'])} = {human_bytes(m['base_bytes'])} base + {m['read_buffers']} x "
         f"{human_bytes(m['chunk_bytes'])} read buffers + {m['workers']} x {human_bytes(m['cast_block_bytes'])} "
         f"cast blocks + {human_bytes(m['staging_bytes'])} staging buffers"
+        + (f" + {human_bytes(m['quantize_bytes'])} quantizing" if m.get("quantize_bytes") else "")
     )
     problems = run.problems
     if problems:
@@ -420,6 +453,8 @@ def _job_lines(job: JobReport, batch: bool) -> list[str]:
         )
     if doc["dtype"]:
         head += f", dtype {doc['dtype']}"
+    if job.plan is not None and (scheme := job.plan.options.weight_only) is not None:
+        head += f", weight-only {scheme.describe()}"
     if batch and job.output_dir is not None:
         head += f", into {job.output_dir}"
     lines = [head]

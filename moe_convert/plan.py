@@ -186,18 +186,19 @@ def convert_options(
     use_embedding_sharing: bool = False,
     *,
     use_weight_only: bool = False,
-    weight_only_precision: str = "int8",
+    weight_only_precision: str | None = "int8",
     weight_only_arch: int | None = None,
     weight_only_sm90_layout: str | None = None,
 ) -> ConvertOptions:
     """The options of the library's and CLI's keyword arguments (TensorRT-LLM's spellings), checked.
 
-    With `use_weight_only`, `weight_only_arch` None means the visible GPU's (UsageError without one).
+    With `use_weight_only`, the precision defaults to int8 and `weight_only_arch` None means the visible
+    GPU's (UsageError without one).
     """
     options = ConvertOptions(dtype, use_parallel_embedding, embedding_sharding_dim, use_embedding_sharing)
     if not use_weight_only:
         return options
-    return options.with_weight_only(weight_only_precision, weight_only_arch, weight_only_sm90_layout)
+    return options.with_weight_only(weight_only_precision or "int8", weight_only_arch, weight_only_sm90_layout)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from .writer import RankFileWriter
 
 # Stored bytes a lane quantizes into at a time (reused): at most a block of model-dtype input per step.
 _OUT_BYTES = 4 * 2**20
+# What quantizing holds per lane: that buffer, and weight_only's cache-sized scratch (a few MB, rounded up).
+LANE_BYTES = _OUT_BYTES + 4 * 2**20
 _lane_local = threading.local()
 
 

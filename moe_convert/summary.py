@@ -20,10 +20,13 @@ PRE_CHECKS = ("mapping", "source", "options", "output_dir", "disk_space")
 
 
 def converted_line(result: ConvertResult, model_dir: str) -> str:
-    """`converted M -> OUT: 4 rank files, 4.21 GB, bfloat16, tp4 pp1 moe_tp2 moe_ep2, 9.2 s`."""
+    """`converted M -> OUT: 4 rank files, 4.21 GB, bfloat16, tp4 pp1 moe_tp2 moe_ep2, 9.2 s` (and the weight-only
+    precision, when quantized)."""
+    scheme = result.plan.options.weight_only
+    dtype = result.plan.dtype if scheme is None else f"{result.plan.dtype} + weight-only {scheme.describe()}"
     return (
         f"converted {model_dir} -> {result.output_dir}: {count(len(result.ranks), 'rank file')}, "
-        f"{human_bytes(result.bytes_written)}, {result.plan.dtype}, {result.plan.mapping.describe()}, "
+        f"{human_bytes(result.bytes_written)}, {dtype}, {result.plan.mapping.describe()}, "
         f"{human_seconds(result.seconds)}"
     )
 
@@ -50,6 +53,7 @@ def result_summary(result: ConvertResult) -> dict[str, Any]:
         "source": m["source"],
         "architecture": m["architecture"],
         "dtype": m["dtype"],
+        "weight_only": None if (scheme := result.plan.options.weight_only) is None else scheme.as_dict(),
         "mapping": m["mapping"],
         "files": [
             {"rank": r["rank"], "file": r["file"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in m["ranks"]

@@ -47,5 +47,13 @@ def trtllm_config(plan: Plan, settings: ModelSettings) -> dict[str, Any]:
         "share_embedding_table": plan.share_embedding_table,
         "mapping": {**plan.mapping.as_dict(), "cp_size": 1, "gpus_per_node": 8},
         "moe": {"num_experts": spec.num_experts, "top_k": spec.top_k, **render(rules["moe"])},
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "quantization": _quantization(plan),
     }
+
+
+def _quantization(plan: Plan) -> dict[str, Any]:
+    """TensorRT-LLM's `quantization` block: W8A16 / W4A16 with its defaults when weight-only, else none."""
+    scheme = plan.options.weight_only
+    if scheme is None:
+        return {"quant_algo": None, "kv_cache_quant_algo": None}
+    return scheme.quantization_config()

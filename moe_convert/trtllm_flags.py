@@ -115,30 +115,21 @@ FLAGS = (
 )
 BY_NAME = {f.name: f for f in FLAGS}
 
-# Weight-only quantization (TensorRT-LLM's --use_weight_only --weight_only_precision). The precisions that
-# need a calibration run or a GPTQ/AWQ checkpoint stay refused; int8 / int4 are not built yet.
+# Weight-only quantization (TensorRT-LLM's --use_weight_only --weight_only_precision): int8 / int4 are done
+# here; the precisions that need a GPTQ/AWQ checkpoint or a calibration run are refused.
 WEIGHT_ONLY_PRECISIONS = ("int8", "int4", "int8_gptq", "int4_gptq", "int4_awq")
 
 
 def options(fn: F) -> F:
-    """Add every flag above (hidden from --help: docs/trtllm-flags.md lists them) and the weight-only pair."""
+    """Add every flag above (hidden from --help: docs/trtllm-flags.md lists them). The weight-only flags are
+    real options (cli.py); their values are answered here too (`weight_only_problems`)."""
     for flag in reversed(FLAGS):
         names = (f"--{flag.name}", *flag.aliases, flag.name)
         if flag.value is None:
             fn = click.option(*names, is_flag=True, default=False, hidden=True)(fn)
         else:
             fn = click.option(*names, type=flag.value, default=None, hidden=True)(fn)
-    fn = click.option("--use_weight_only", "use_weight_only", is_flag=True, default=False, hidden=True)(fn)
-    # TensorRT-LLM's `--weight_only_precision` alone means int8.
-    return click.option(
-        "--weight_only_precision",
-        "weight_only_precision",
-        type=click.Choice(WEIGHT_ONLY_PRECISIONS),
-        is_flag=False,
-        flag_value="int8",
-        default=None,
-        hidden=True,
-    )(fn)
+    return fn
 
 
 NAMES = (*BY_NAME, "use_weight_only", "weight_only_precision")
@@ -182,24 +173,21 @@ def refuse(flags: dict[str, Any]) -> None:
 
 
 def weight_only_problems(use_weight_only: bool, precision: str | None) -> list[str]:
-    """The one place that answers weight-only quantization; the quantization work replaces it.
-
-    TensorRT-LLM ignores --weight_only_precision without --use_weight_only; a script that gives it means
-    to quantize, so either one is answered.
-    """
-    if not use_weight_only and precision is None:
+    """The weight-only precisions moe-convert does not make (GPTQ / AWQ checkpoints, calibration), and a
+    precision without --use_weight_only: TensorRT-LLM ignores it then and writes unquantized weights, which
+    a script that names a precision hardly means."""
+    if precision is None or precision in ("int8", "int4"):
+        if precision is not None and not use_weight_only:
+            return [
+                f"--weight_only_precision {precision} without --use_weight_only: TensorRT-LLM ignores it and writes "
+                "unquantized weights; add --use_weight_only to quantize, or leave it out"
+            ]
         return []
-    precision = precision or "int8"
     flags = (
         f"--use_weight_only --weight_only_precision {precision}"
         if use_weight_only
         else spell("weight_only_precision", precision)
     )
-    if precision in ("int8", "int4"):
-        return [
-            f"{flags}: weight-only quantization is not supported yet; convert without it (the weights stay in "
-            "--dtype), or use TensorRT-LLM's convert_checkpoint.py for a weight-only checkpoint"
-        ]
     return [f"{flags}: {PRE_QUANTIZED if 'gptq' in precision else CALIBRATED}"]
 
 

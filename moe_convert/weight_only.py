@@ -109,6 +109,20 @@ class WeightOnly:
             "exclude_modules": None,
         }
 
+    def describe(self) -> str:
+        """`int4 (W4A16) for sm90, permuted layout`: for summaries."""
+        layout = f", {self.sm90_layout} layout" if self.sm90_layout else ""
+        return f"{self.precision} ({self.quant_algo}) for sm{self.arch}{layout}"
+
+    def as_dict(self) -> dict[str, object]:
+        """For manifests and summaries."""
+        return {
+            "precision": self.precision,
+            "quant_algo": self.quant_algo,
+            "arch": self.arch,
+            "sm90_layout": self.sm90_layout,
+        }
+
     def layout(self, ndim: int) -> Layout:
         """MoE (3-D) tensors always get the sm80 layout: TensorRT-LLM has no Hopper MoE kernel for them
         (`force_interleave`)."""
