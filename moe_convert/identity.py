@@ -31,6 +31,10 @@ _OPTION_FLAGS = {
     "use_parallel_embedding": "--use_parallel_embedding",
     "embedding_sharding_dim": "--embedding_sharding_dim",
     "use_embedding_sharing": "--use_embedding_sharing",
+    # recorded only when quantizing (ConvertOptions.as_dict): absent is None
+    "weight_only_precision": "--weight_only_precision",
+    "weight_only_arch": "--weight_only_arch",
+    "weight_only_sm90_layout": "--weight_only_sm90_layout",
 }
 
 
@@ -91,8 +95,8 @@ def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
             diffs.append(f"--{key} was {m0.get(key)}, now {m1[key]}")
     o0, o1 = before["options"], now["options"]
     for key, flag in _OPTION_FLAGS.items():
-        if o0.get(key) != o1[key]:
-            diffs.append(f"{flag} was {o0.get(key)!r}, now {o1[key]!r}")
+        if o0.get(key) != o1.get(key):
+            diffs.append(f"{flag} was {o0.get(key)!r}, now {o1.get(key)!r}")
     if not diffs and before["dtype"] != now["dtype"]:
         diffs.append(f"the output dtype was {before['dtype']}, now {now['dtype']} (config.json changed?)")
     s0, s1 = before["source"], now["source"]

@@ -584,7 +584,10 @@ def plan_conversion(
                 tensors=_file_order(tensors),
             )
         )
-    collect(list(too_small), UsageError, "weights that TensorRT-LLM's weight-only kernels cannot take")
+    if too_small:
+        hint = "a smaller tp or moe_tp (or int8) may fit"
+        problems = list(too_small) if len(too_small) > 1 else [f"{next(iter(too_small))}; {hint}"]
+        collect(problems, UsageError, f"weights TensorRT-LLM's weight-only kernels cannot take ({hint})")
     shared = False
     if options.use_embedding_sharing:
         ranks, why_not = _share_embedding(spec, ranks)

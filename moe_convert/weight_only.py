@@ -143,13 +143,12 @@ class WeightOnly:
         # permutes K in 64-row tiles. N % 8 (the MMA's N) is implied by the 32-byte rule.
         k_step = 64 if layout is Layout.INTERLEAVED else 256 // self.bits
         n_step = 256 // self.bits
-        why = f"{self.precision} at sm{self.arch}" + (" (MoE weights use the sm80 layout)" if len(shape) == 3 else "")
         problems = []
         for what, size, step in (("in_features", k, k_step), ("out_features", n, n_step)):
             if size % step:
                 problems.append(
-                    f"{name}: {what} {size} is not a multiple of {step}, which {why} needs, so this weight "
-                    f"(planned shape {list(shape)}) cannot be weight-only quantized; a smaller tp / moe_tp may fit"
+                    f"{name} {list(shape)}: {what} {size} is not a multiple of {step} "
+                    f"({self.precision}, {layout.value} layout)"
                 )
         return problems
 
