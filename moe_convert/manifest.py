@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,11 @@ from .bounded_json import read_json_object
 from .errors import VerifyError
 from .execute import RankResult
 from .fields import Malformed, boolean, integer, ints, lst, obj, sha256_hex, show, text
-from .header import ITEMSIZES, itemsize
+from .header import FLOAT_CODES, ITEMSIZES, itemsize
 from .limits import MAX_EXPERTS, MAX_INDEX, MAX_LAYERS, MAX_WORLD_SIZE
 from .mapping import Mapping
-from .plan import ConvertOptions, Piece, Plan
+from .plan import ConvertOptions, Piece, Plan, Quantization
+from .weight_only import ARCHS, PRECISIONS, SM90_LAYOUTS, Layout
 from .writer import layout_rank_file
 
 FORMAT = "moe-convert-manifest"
@@ -73,6 +74,8 @@ def build_manifest(plan: Plan, source: dict[str, Any], results: list[RankResult]
                             }
                             for p in t.pieces
                         ],
+                        # a weight-only weight and its scales: computed from the weight's pieces
+                        **({"weight_only": t.quantized.as_dict()} if t.quantized else {}),
                     }
                     for t in r.tensors
                 },
@@ -145,10 +148,23 @@ class ManifestTensor:
     begin: int  # data_offsets, relative to the first data byte
     end: int
     pieces: tuple[Piece, ...]
+    quantized: Quantization | None = None  # a weight-only weight, or its per_channel_scale
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def piece_dtype(self) -> str:
+        """What the pieces are cast to: the tensor's dtype, or a quantized weight's model-dtype rows."""
+        return self.quantized.rows_dtype if self.quantized else self.dtype
+
+    @property
+    def pieces_nbytes(self) -> int:
+        """The bytes the pieces fill: the tensor's, or a quantized weight's rows (before quantizing)."""
+        if self.quantized is None:
+            return self.nbytes
+        return math.prod(self.quantized.rows_shape) * itemsize(self.quantized.rows_dtype)
 
 
 @dataclass(frozen=True)
@@ -181,11 +197,47 @@ def parse_mapping(v: object, what: str = "mapping") -> Mapping:
 
 def parse_options(v: object, what: str = "options") -> ConvertOptions:
     o = obj(v, what)
-    return ConvertOptions(
+    options = ConvertOptions(
         text(o.get("dtype"), f"{what}.dtype"),
         boolean(o.get("use_parallel_embedding"), f"{what}.use_parallel_embedding"),
         integer(o.get("embedding_sharding_dim"), f"{what}.embedding_sharding_dim", hi=1),
         boolean(o.get("use_embedding_sharing"), f"{what}.use_embedding_sharing"),
+    )
+    if o.get("weight_only_precision") is None:
+        return options
+    layout = o.get("weight_only_sm90_layout")
+    return replace(
+        options,
+        weight_only_precision=_choice(o.get("weight_only_precision"), PRECISIONS, f"{what}.weight_only_precision"),
+        weight_only_arch=_choice(o.get("weight_only_arch"), ARCHS, f"{what}.weight_only_arch"),
+        weight_only_sm90_layout=None
+        if layout is None
+        else _choice(layout, SM90_LAYOUTS, f"{what}.weight_only_sm90_layout"),
+    )
+
+
+def _choice(v: Any, allowed: Any, what: str) -> Any:
+    if v not in allowed or isinstance(v, bool):
+        raise Malformed(f"{what} is {show(v)}, not one of {', '.join(map(str, allowed))}")
+    return v
+
+
+def _parse_quantization(v: object, where: str) -> Quantization:
+    """A tensor's `weight_only` record: how it is made from its weight's pieces."""
+    q = obj(v, f"{where}: weight_only")
+    at = f"{where}: weight_only"
+    rows_dtype = _choice(q.get("rows_dtype"), FLOAT_CODES, f"{at}.rows_dtype")
+    rows_shape = ints(q.get("rows_shape"), f"{at}.rows_shape", max_len=3)
+    if len(rows_shape) < 2 or math.prod(rows_shape) * itemsize(rows_dtype) > MAX_INDEX:
+        raise Malformed(f"{at}.rows_shape {list(rows_shape)} is not a 2-D or 3-D shape of any file")
+    return Quantization(
+        precision=_choice(q.get("precision"), PRECISIONS, f"{at}.precision"),
+        arch=_choice(q.get("arch"), ARCHS, f"{at}.arch"),
+        layout=_choice(q.get("layout"), [layout.value for layout in Layout], f"{at}.layout"),
+        rows_shape=rows_shape,
+        rows_dtype=rows_dtype,
+        weight=text(q.get("weight"), f"{at}.weight"),
+        scale=text(q.get("scale"), f"{at}.scale"),
     )
 
 
@@ -239,7 +291,8 @@ def _parse_tensor(name: str, e: object) -> ManifestTensor:
         pieces.append(
             Piece(text(p.get("source"), f"{at}.source"), box, integer(p.get("dst_offset"), f"{at}.dst_offset"))
         )
-    return ManifestTensor(name, str(dtype), shape, begin, end, tuple(pieces))
+    quantized = None if "weight_only" not in t else _parse_quantization(t["weight_only"], where)
+    return ManifestTensor(name, str(dtype), shape, begin, end, tuple(pieces), quantized)
 
 
 def parse_ranks(manifest: dict[str, Any]) -> tuple[list[ManifestRank], list[str]]:

@@ -71,6 +71,12 @@ class Quantization:
     def tensor(self) -> QuantizedTensor:
         return QuantizedTensor(self.weight, self.rows_shape, self.rows_dtype, self.precision, Layout(self.layout))
 
+    def piece_rows(self, piece: Piece) -> tuple[int, int]:
+        """The rows [r0, r1) of `rows_shape` (experts flattened) a piece of the weight fills."""
+        row_bytes = self.rows_shape[-1] * itemsize(self.rows_dtype)
+        r0 = piece.dst_offset // row_bytes
+        return r0, r0 + piece.numel // self.rows_shape[-1]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "precision": self.precision,
@@ -605,6 +611,17 @@ def _quantize(scheme: WeightOnly, planned: PlannedTensor) -> tuple[PlannedTensor
     how = Quantization(
         scheme.precision, scheme.arch, qt.layout.value, planned.shape, planned.dtype, planned.name, qt.scale_name
     )
+    # Each piece must be whole row groups, so that its bytes are a range of the stored weight that verify
+    # can recompute from that piece alone. Every real model's are (its head size and FFN slices are
+    # multiples of 4); the executor itself would cope.
+    k, item = planned.shape[-1], itemsize(planned.dtype)
+    for p in planned.pieces:
+        r0, r1 = how.piece_rows(p)
+        if p.numel % k or p.dst_offset % (k * item) or r0 % qt.group or r1 % qt.group:
+            raise UsageError(
+                f"{planned.name}: rows [{r0}, {r1}) from {p.source} are not whole groups of {qt.group} rows, which "
+                f"{scheme.precision} weight-only quantization keeps together; this model cannot be quantized here"
+            )
     weight = PlannedTensor(planned.name, qt.weight_dtype, qt.weight_shape, planned.pieces, how)
     return weight, PlannedTensor(qt.scale_name, planned.dtype, qt.scale_shape, (), how)
 

@@ -12,14 +12,15 @@ Every call comes from the rank file's own lane, one at a time, so no lock is nee
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import profiling
 from .header import itemsize, torch_dtype
 from .weight_only import QuantizedTensor
-from .writer import RankFileWriter
 
 # Stored bytes a lane quantizes into at a time (reused): at most a block of model-dtype input per step.
 _OUT_BYTES = 4 * 2**20
@@ -34,6 +35,33 @@ def _out_buffer(n: int) -> np.ndarray:
     if buf is None or buf.size < n:
         buf = _lane_local.out = np.empty(max(n, _OUT_BYTES), dtype=np.uint8)
     return buf[:n]
+
+
+class Sink(Protocol):
+    """Where the stored bytes go: a rank file (writer.RankFileWriter), or verify's digests (DigestSink)."""
+
+    def write(self, offset: int, data: Any) -> None: ...
+
+
+class DigestSink:
+    """sha256 of the weight's bytes (which must come front to back) and of its scales, for verify: a
+    QuantizedOutput with weight_offset 0 and scale_offset `split` (the weight's size) writes into it."""
+
+    def __init__(self, split: int) -> None:
+        self.split = split
+        self.weight = hashlib.sha256()
+        self.scales = hashlib.sha256()
+        self.front = 0
+
+    def write(self, offset: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if offset >= self.split:
+            self.scales.update(view)
+            return
+        if offset != self.front:
+            raise ValueError(f"weight bytes at {offset} arrived before those at {self.front}")
+        self.weight.update(view)
+        self.front += len(view)
 
 
 class QuantizedOutput:
@@ -55,7 +83,7 @@ class QuantizedOutput:
     def bits(self) -> int:
         return self.qt.bits
 
-    def add(self, start: int, values: np.ndarray, writer: RankFileWriter) -> None:
+    def add(self, start: int, values: np.ndarray, writer: Sink) -> None:
         """Elements [start, start + len(values)) of the rows (raw bits of the model dtype, contiguous)."""
         end = start + values.size
         if start < 0 or end > self.total:
@@ -85,7 +113,7 @@ class QuantizedOutput:
         n, self.written = self.written, 0
         return n
 
-    def _hold(self, pos: int, values: np.ndarray, writer: RankFileWriter) -> None:
+    def _hold(self, pos: int, values: np.ndarray, writer: Sink) -> None:
         g = self.group_elements
         first = pos - pos % g
         buf, filled = self.pending.setdefault(first, (np.empty(g, dtype=values.dtype), [0]))
@@ -95,7 +123,7 @@ class QuantizedOutput:
             del self.pending[first]
             self._quantize(first, buf, writer)
 
-    def _quantize(self, pos: int, values: np.ndarray, writer: RankFileWriter) -> None:
+    def _quantize(self, pos: int, values: np.ndarray, writer: Sink) -> None:
         """Whole row groups starting at element `pos`: their stored bytes written, their scales kept."""
         import torch
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from .errors import MoeConvertError, VerifyError, collect
 from .execute import DEFAULT_CHUNK_BYTES
-from .fields import as_dict, show
-from .manifest import MANIFEST_FILE, parse_ranks, read_manifest
+from .fields import Malformed, as_dict, show
+from .manifest import MANIFEST_FILE, parse_options, parse_ranks, read_manifest
 from .outdir import writer_pid
 from .plan import Plan
 from .replan import open_model, plan_source
@@ -168,7 +168,11 @@ def _against_source(
 ) -> Plan | None:
     """Re-plan from the source with the manifest's mapping and options: the manifest must be that plan."""
     mapping = as_dict(manifest.get("mapping"))
-    options = as_dict(manifest.get("options"))
+    try:
+        options = parse_options(manifest.get("options"))
+    except Malformed as bad:
+        found.problem(f"{MANIFEST_FILE}: {bad}")
+        return None
     try:
         plan = plan_source(
             source,
@@ -176,10 +180,7 @@ def _against_source(
             pp_size=mapping.get("pp_size", 1),
             moe_tp_size=mapping.get("moe_tp_size"),
             moe_ep_size=mapping.get("moe_ep_size"),
-            dtype=options.get("dtype", "auto"),
-            use_parallel_embedding=bool(options.get("use_parallel_embedding", False)),
-            embedding_sharding_dim=options.get("embedding_sharding_dim", 0),
-            use_embedding_sharing=bool(options.get("use_embedding_sharing", False)),
+            options=options,
         )
     except MoeConvertError as e:
         found.problem(f"cannot re-plan from the source with the manifest's mapping and options: {e}")

@@ -19,7 +19,7 @@ from .errors import MoeConvertError, VerifyError
 from .fields import show
 from .files import open_regular
 from .header import TensorInfo, itemsize, read_header_fd
-from .manifest import ManifestRank
+from .manifest import ManifestRank, ManifestTensor
 from .verify_findings import Findings, PieceKey
 
 _BLOCK = 1024 * 1024  # read and hashed while still in the CPU cache
@@ -125,9 +125,16 @@ def _header_agrees(r: ManifestRank, header: dict[str, TensorInfo], data_start: i
 
 
 def _leaves(r: ManifestRank, data_start: int) -> list[tuple[int, int, int, int]]:
-    """The file's data as sorted runs (start, stop, tensor index, piece index or -1 for padding)."""
+    """The file's data as sorted runs (start, stop, tensor index, piece index or -1 for padding).
+
+    A quantized weight's piece is the byte range of its rows in the stored weight, and a piece of its
+    scales tensor (same index as the weight's) the range of those rows' scales; they have no padding."""
     leaves = []
+    by_name = {t.name: t for t in r.tensors}
     for ti, t in enumerate(r.tensors):
+        if t.quantized is not None:
+            leaves += _quantized_leaves(t, ti, by_name, data_start)
+            continue
         base, cursor, item = data_start + t.begin, 0, itemsize(t.dtype)
         for pi, p in sorted(enumerate(t.pieces), key=lambda ip: ip[1].dst_offset):
             start = max(p.dst_offset, cursor)  # overlapping pieces were reported; never hash a byte twice
@@ -142,13 +149,39 @@ def _leaves(r: ManifestRank, data_start: int) -> list[tuple[int, int, int, int]]
     return sorted(leaves)
 
 
+def _quantized_leaves(
+    t: ManifestTensor, ti: int, by_name: dict[str, ManifestTensor], data_start: int
+) -> list[tuple[int, int, int, int]]:
+    q = t.quantized
+    assert q is not None
+    weight = by_name.get(q.weight)
+    if weight is None or weight.quantized != q:  # reported by the structure checks
+        return []
+    per_row = q.tensor().row_bytes if t.name == q.weight else itemsize(t.dtype)
+    base, leaves = data_start + t.begin, []
+    for pi, p in enumerate(weight.pieces):
+        r0, r1 = q.piece_rows(p)
+        if 0 <= r0 <= r1 and r1 * per_row <= t.nbytes:
+            leaves.append((base + r0 * per_row, base + r1 * per_row, ti, pi))
+    return leaves
+
+
+def _made_of(r: ManifestRank, t: ManifestTensor) -> tuple[Any, ...] | None:
+    """What a tensor's bytes are made of (source pieces, dtype, shape, how quantized); None: nothing."""
+    pieces = t.pieces
+    if not pieces and t.quantized is not None:  # a scales tensor: made of its weight's pieces
+        weight = next((w for w in r.tensors if w.name == t.quantized.weight), None)
+        pieces = weight.pieces if weight is not None else ()
+    return (t.name, t.dtype, t.shape, pieces, t.quantized) if pieces else None
+
+
 def replica_sets(ranks: list[ManifestRank]) -> Iterator[list[tuple[ManifestRank, str]]]:
-    """Groups of (rank, tensor name) made of exactly the same source pieces, dtype and shape."""
+    """Groups of (rank, tensor name) made of exactly the same source pieces, dtype, shape and quantization."""
     groups: dict[tuple[Any, ...], list[tuple[ManifestRank, str]]] = {}
     for r in ranks:
         for t in r.tensors:
-            if t.pieces:
-                groups.setdefault((t.name, t.dtype, t.shape, t.pieces), []).append((r, t.name))
+            if (key := _made_of(r, t)) is not None:
+                groups.setdefault(key, []).append((r, t.name))
     for members in groups.values():
         if len(members) > 1:
             yield members

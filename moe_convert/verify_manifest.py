@@ -25,7 +25,7 @@ from .bounded_json import read_json_object
 from .errors import MoeConvertError, VerifyError
 from .fields import Malformed, as_dict, show
 from .header import itemsize
-from .manifest import MANIFEST_FILE, ManifestRank, build_manifest, parse_mapping
+from .manifest import MANIFEST_FILE, ManifestRank, ManifestTensor, build_manifest, parse_mapping
 from .model_config import ModelSettings
 from .plan import Plan
 from .trtllm_config import trtllm_config
@@ -173,24 +173,52 @@ def _config_agrees(manifest: dict[str, Any], sizes: dict[str, int], config: dict
             found.problem(f"{CONFIG_FILE}: {k} is {show(config.get(k))}, the manifest says {show(options.get(k))}")
 
 
-def _check_tensor_entry(r: ManifestRank, t: Any, found: Findings) -> None:
-    """Offsets fit the dtype and shape; pieces lie inside the tensor and never overlap."""
+def _check_tensor_entry(r: ManifestRank, t: ManifestTensor, found: Findings) -> None:
+    """Offsets fit the dtype and shape; pieces lie inside the tensor (a quantized weight's: inside its rows)
+    and never overlap; a quantized weight and its scales have the stored form their record implies."""
     where = f"{r.file}: tensor {t.name!r}"
     if t.end - t.begin != t.nbytes:
         found.problem(
             f"{where}: manifest data_offsets [{t.begin}, {t.end}) hold {t.end - t.begin} bytes, "
             f"but {t.dtype} {list(t.shape)} needs {t.nbytes}"
         )
-    item, covered = itemsize(t.dtype), 0
+    item, covered, limit = itemsize(t.piece_dtype), 0, t.pieces_nbytes
     for i, p in sorted(enumerate(t.pieces), key=lambda ip: ip[1].dst_offset):
         n = p.numel * item
         if any(b < a for a, b in p.box) or p.dst_offset % item:
             found.problem(f"{where}: manifest pieces[{i}] (from {p.source!r}) has a bad slice or offset")
         elif p.dst_offset < covered:
             found.problem(f"{where}: manifest pieces[{i}] (from {p.source!r}) overlaps the piece before it")
-        elif p.dst_offset + n > t.nbytes:
-            found.problem(f"{where}: manifest pieces[{i}] (from {p.source!r}) ends past the tensor's {t.nbytes} bytes")
+        elif p.dst_offset + n > limit:
+            found.problem(f"{where}: manifest pieces[{i}] (from {p.source!r}) ends past the tensor's {limit} bytes")
         covered = max(covered, p.dst_offset + n)
+    if t.quantized is not None:
+        for problem in _quantized_entry_problems(r, t):
+            found.problem(f"{where}: {problem}")
+
+
+def _quantized_entry_problems(r: ManifestRank, t: ManifestTensor) -> list[str]:
+    """A weight-only weight: int8 bytes of the stored shape, its pieces whole row groups covering its rows;
+    its scales: the model dtype, one per row, next to a weight that names them."""
+    q = t.quantized
+    assert q is not None
+    qt = q.tensor()
+    if t.name == q.weight:
+        want = ("I8", qt.weight_shape)
+        rows = sorted(q.piece_rows(p) for p in t.pieces)
+        whole = all(p.numel % qt.shape[-1] == 0 for p in t.pieces) and all(a % qt.group == 0 for a, _ in rows)
+        if not whole or sum(b - a for a, b in rows) != qt.rows:
+            return [f"manifest pieces do not cover its {qt.rows} rows in whole groups of {qt.group}"]
+    elif t.name == q.scale:
+        want = (q.rows_dtype, qt.scale_shape)
+        weight = next((w for w in r.tensors if w.name == q.weight), None)
+        if t.pieces or weight is None or weight.quantized != q:
+            return [f"manifest weight_only record names weight {q.weight!r}, which this rank does not hold as such"]
+    else:
+        return [f"manifest weight_only record names neither it ({q.weight!r}, {q.scale!r})"]
+    if (t.dtype, t.shape) != want:
+        return [f"manifest says {t.dtype} {list(t.shape)}, but its weight_only record gives {want[0]} {list(want[1])}"]
+    return []
 
 
 def _check_stages(ranks: list[ManifestRank], num_layers: int, found: Findings) -> None:

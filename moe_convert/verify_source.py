@@ -2,6 +2,9 @@
 
 The source tensors the manifest uses are read once each, in file order and in chunks, hashing each piece's
 expected bytes; the rank-file pass (verify_files.py) hashes each piece's actual bytes; they meet as digests.
+A piece of a weight-only weight is quantized on the way with the converter's own function
+(quantize_stream.QuantizedOutput, weight_only.py): its expected bytes are those of its rows in the stored
+weight, and of its rows' scales.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ import torch
 
 from .fields import show
 from .header import DTYPES, itemsize
-from .manifest import ManifestRank
-from .plan import Box
-from .reading import SourceReader, chunk_boxes, intersect
+from .manifest import ManifestRank, ManifestTensor
+from .plan import Box, Piece
+from .quantize_stream import DigestSink, QuantizedOutput
+from .reading import SourceReader, chunk_boxes, element_offset, intersect
 from .source import SourceCheckpoint
 from .verify_files import FileDigests
 from .verify_findings import Findings, PieceKey
+from .weight_only import QuantizedTensor
 
-Work = dict[str, list[tuple[PieceKey, Box, torch.dtype]]]
+# Per source tensor: each piece's key, box, the dtype it is cast to, and for a quantized weight's piece its
+# rows as a tensor of their own, and the key of its scales' digest.
+Work = dict[str, list[tuple[PieceKey, Box, torch.dtype, "tuple[QuantizedTensor, PieceKey] | None"]]]
+_BITS = {2: torch.int16, 4: torch.int32}  # a model dtype's raw bits, as QuantizedOutput takes them
 _MAX_COVER_CELLS = 2**24  # the coverage grid of one source tensor; a real manifest needs a few thousand
 
 
@@ -41,10 +49,11 @@ def source_work(ranks: list[ManifestRank], source: SourceCheckpoint, found: Find
                     found.problem(
                         f"{where}: slice {show([list(b) for b in p.box])} is outside {p.source!r} {list(info.shape)}"
                     )
-                else:
-                    work.setdefault(p.source, []).append(((r.index, t.name, i), p.box, DTYPES[t.dtype]))
+                elif t.quantized is None or _whole_groups(t, p):  # else a structure problem, reported there
+                    key = (r.index, t.name, i)
+                    work.setdefault(p.source, []).append((key, p.box, DTYPES[t.piece_dtype], _rows_of(r, t, i, p)))
     for name, targets in work.items():
-        covered = _covers(source.tensors[name].shape, [box for _, box, _ in targets])
+        covered = _covers(source.tensors[name].shape, [box for _, box, _, _ in targets])
         if covered is None:
             found.problem(f"source tensor {name!r}: the manifest cuts it into too many pieces to check its coverage")
         elif not covered:
@@ -52,24 +61,56 @@ def source_work(ranks: list[ManifestRank], source: SourceCheckpoint, found: Find
     return work
 
 
+def _whole_groups(t: ManifestTensor, p: Piece) -> bool:
+    q = t.quantized
+    assert q is not None
+    qt, (r0, r1) = q.tensor(), q.piece_rows(p)
+    return p.numel % qt.shape[-1] == 0 and r0 % qt.group == 0 and r1 % qt.group == 0 and 0 <= r0 <= r1 <= qt.rows
+
+
+def _rows_of(r: ManifestRank, t: ManifestTensor, i: int, p: Piece) -> tuple[QuantizedTensor, PieceKey] | None:
+    """A quantized weight's piece: its rows as a quantized tensor of their own (whole row groups, so their
+    bytes are a range of the weight's), and the key of its scales' digest."""
+    q = t.quantized
+    if q is None:
+        return None
+    whole = q.tensor()
+    r0, r1 = q.piece_rows(p)
+    rows = QuantizedTensor(t.name, (max(r1 - r0, 0), whole.shape[-1]), q.rows_dtype, q.precision, whole.layout)
+    return rows, (r.index, q.scale, i)
+
+
 def hash_source(source: SourceCheckpoint, work: Work, chunk_bytes: int, found: Findings) -> dict[PieceKey, str]:
     """Each source tensor read once, in file order, chunk by chunk; each piece's expected bytes hashed."""
     order = sorted(work, key=lambda n: (str(source.tensors[n].file), source.tensors[n].start))
     reader = SourceReader(sorted({source.tensors[n].file for n in order}), chunk_bytes)
     hashes: dict[PieceKey, Any] = {}
+    quantizing: dict[PieceKey, tuple[QuantizedOutput, DigestSink]] = {}
     try:
         for name in order:
             info = source.tensors[name]
             for chunk in chunk_boxes(info.shape, info.torch_dtype.itemsize, chunk_bytes):
-                users = [(key, sub, dt) for key, box, dt in work[name] if (sub := intersect(chunk, box)) is not None]
+                users = [(key, box, sub, dt, q) for key, box, dt, q in work[name] if (sub := intersect(chunk, box))]
                 if not users:
                     continue
                 data = reader.read(info, chunk)
                 found.read_bytes(data.numel() * info.torch_dtype.itemsize, source=True)
-                for key, sub, dt in users:
+                for key, box, sub, dt, q in users:
                     local = tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))
-                    piece = data[local].to(dt).contiguous()
-                    hashes.setdefault(key, hashlib.sha256()).update(piece.reshape(-1).view(torch.uint8).numpy())
+                    piece = data[local].to(dt).contiguous().reshape(-1)
+                    if q is None:
+                        hashes.setdefault(key, hashlib.sha256()).update(piece.view(torch.uint8).numpy())
+                        continue
+                    # a piece's parts come in its row-major order: its stored bytes come front to back
+                    rows, _ = q
+                    out, sink = quantizing.setdefault(
+                        key, (QuantizedOutput(rows, 0, rows.weight_nbytes), DigestSink(rows.weight_nbytes))
+                    )
+                    out.add(element_offset(sub, box), piece.view(_BITS[dt.itemsize]).numpy(), sink)
+            for key, _, _, q in work[name]:  # the source tensor is done: so are its quantized pieces
+                if q is not None and key in quantizing:
+                    _, sink = quantizing.pop(key)
+                    hashes[key], hashes[q[1]] = sink.weight, sink.scales
         reader.check_unchanged()
     finally:
         reader.close()
@@ -86,14 +127,42 @@ def compare_pieces(
         for t in r.tensors:
             item = itemsize(t.dtype)
             for i, p in enumerate(t.pieces):
+                slice_text = ", ".join(f"{a}:{b}" for a, b in p.box)
+                if t.quantized is not None:
+                    _compare_quantized(r, t, i, p, slice_text, got, expected, found)
+                    continue
                 key = (r.index, t.name, i)
                 if key not in expected or key not in got.pieces or got.pieces[key] == expected[key]:
                     continue
-                slice_text = ", ".join(f"{a}:{b}" for a, b in p.box)
                 found.problem(
                     f"{r.file}: tensor {t.name!r}: bytes [{p.dst_offset}, {p.dst_offset + p.numel * item}) "
                     f"of its data differ from source {p.source!r}[{slice_text}] as {t.dtype}"
                 )
+
+
+def _compare_quantized(
+    r: ManifestRank,
+    t: ManifestTensor,
+    i: int,
+    p: Piece,
+    slice_text: str,
+    got: FileDigests,
+    expected: dict[PieceKey, str],
+    found: Findings,
+) -> None:
+    """A quantized weight's piece: its rows' stored bytes, and their scales."""
+    q = t.quantized
+    assert q is not None
+    r0, r1 = q.piece_rows(p)
+    how = f"{q.precision} for sm{q.arch} ({q.layout} layout)"
+    for name, per_row in ((t.name, q.tensor().row_bytes), (q.scale, itemsize(q.rows_dtype))):
+        key = (r.index, name, i)
+        if key not in expected or key not in got.pieces or got.pieces[key] == expected[key]:
+            continue
+        found.problem(
+            f"{r.file}: tensor {name!r}: bytes [{r0 * per_row}, {r1 * per_row}) of its data (rows {r0}-{r1 - 1}) "
+            f"differ from source {p.source!r}[{slice_text}] quantized {how}"
+        )
 
 
 def _covers(shape: tuple[int, ...], boxes: list[Box]) -> bool | None:

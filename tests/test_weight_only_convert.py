@@ -13,6 +13,7 @@ The tiny models satisfy the kernels' shape limits under every mapping used: hidd
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from trtllm_forward import forward_from_rank_files
 from weight_only_reference import reference
 
 import moe_convert.weight_only
-from moe_convert import convert, convert_batch
+from moe_convert import convert, convert_batch, verify
 from moe_convert.cli import main
 from moe_convert.dryrun import dry_run
 from moe_convert.errors import UsageError
@@ -197,6 +198,65 @@ def test_qwen2_moe_shared_expert_is_quantized_its_gate_is_not(
         assert rank0["transformer.layers.0.mlp.shared_expert_gate.weight"].dtype == torch.bfloat16
         assert rank0["transformer.layers.0.attention.qkv.bias"].dtype == torch.bfloat16
         assert rank0["transformer.layers.0.mlp.router.weight"].dtype == torch.float32
+
+
+# --- verify -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [Quant("int4", 90, "permuted"), Quant("int8", 80)], ids=Quant.label)
+def test_verify_recomputes_every_quantized_byte_and_fails_on_a_flipped_one(
+    wide: Path, q: Quant, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    lay = LAYOUTS[1]
+    good = quantized(tmp_path_factory, wide, lay, q)
+    assert verify(good).ok and verify(good, wide).ok
+    manifest = json.loads((good / "manifest.json").read_text())
+    entry = manifest["ranks"][2]["tensors"]["transformer.layers.1.attention.dense.weight"]["weight_only"]
+    assert entry == {
+        "precision": q.precision,
+        "arch": q.arch,
+        "layout": q.scheme.layout(2).value,
+        "rows_shape": [512, 128],
+        "rows_dtype": "BF16",
+        "weight": "transformer.layers.1.attention.dense.weight",
+        "scale": "transformer.layers.1.attention.dense.per_channel_scale",
+    }
+    assert manifest["options"]["weight_only_precision"] == q.precision
+    for name in ("transformer.layers.1.mlp.proj.weight", "transformer.layers.0.attention.qkv.per_channel_scale"):
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        rank = json.loads((bad / "manifest.json").read_text())["ranks"][2]
+        data = bytearray((bad / rank["file"]).read_bytes())
+        at = 8 + int.from_bytes(data[:8], "little") + rank["tensors"][name]["data_offsets"][0] + 200
+        data[at] ^= 0x01
+        (bad / rank["file"]).write_bytes(data)
+        assert "sha256" in " ".join(verify(bad).problems)  # without the source: the file changed
+        # with it, also which tensor and rows, whatever the manifest's sha256 says
+        fixed = json.loads((bad / "manifest.json").read_text())
+        fixed["ranks"][2]["sha256"] = hashlib.sha256(data).hexdigest()
+        (bad / "manifest.json").write_text(json.dumps(fixed))
+        problems = verify(bad, wide).problems
+        assert len(problems) == 1 and f"tensor {name!r}: bytes [" in problems[0], problems
+        assert "quantized " + q.precision in problems[0]
+
+
+def test_verify_finds_an_edited_weight_only_record(
+    wide: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The manifest is re-derived from its own model and options: a quantization record edited to another
+    arch, or options claiming another layout, are reported without the source."""
+    good = quantized(tmp_path_factory, wide, LAYOUTS[1], Quant("int8", 90, "permuted"))
+    for edit in ("record", "options"):
+        bad = tmp_path / edit
+        shutil.copytree(good, bad)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        if edit == "record":
+            manifest["ranks"][0]["tensors"]["transformer.layers.0.attention.qkv.weight"]["weight_only"]["arch"] = 80
+        else:
+            manifest["options"]["weight_only_sm90_layout"] = "column_major"
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+        problems = " ".join(verify(bad).problems)
+        assert ("weight_only.arch is 80" if edit == "record" else "layout") in problems, problems
 
 
 # --- a simulated TensorRT-LLM forward pass over dequantized weights ---------------------------------------------
