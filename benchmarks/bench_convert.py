@@ -9,7 +9,10 @@ times, alternating round-robin in one invocation:
 * our converter (`python convert_checkpoint.py --model_dir SRC --output_dir OUT --force --quiet ...`),
 * the naive baseline (`python benchmarks/naive_convert.py --model_dir SRC --output_dir OUT ...`),
 
-for the mappings tp4/moe_tp2/moe_ep2, tp8/moe_ep8 and tp8 (default MoE split). Every command writes
+for the mappings tp4/moe_tp2/moe_ep2, tp8/moe_ep8 and tp8 (default MoE split), and with `--precisions
+none,int8,int4` also our weight-only INT8 / INT4 conversions of each mapping (`--weight_only_arch`, default
+80: the interleaved layout every MoE weight uses; 90 adds `--weight_only_sm90_layout`), reported against
+the unquantized conversion of the same mapping (`t / t_unquantized`). Every command writes
 to its own output dir, deleted (untimed) before each run. A run's time is the command plus a `sync`
 right after it (our converter fsyncs its files, cp and the naive one leave dirty pages; `--no_sync`
 times the command alone); a `sync` before each run starts it clean. Peak memory is the largest
@@ -32,7 +35,13 @@ Options: --layers 1,2  --mappings tp4_moetp2_moeep2,tp8_moeep8,tp8  --repeat N  
 --work_dir DIR  --keep  --converter CMD  --convert_args "--workers 2"  --naive CMD  --naive_args ARGS
 --skip_naive  --json_out FILE  --config FILE  --max_shard_gb 4.9  --no_sync  --seed N  --generate_only
 --dd_gb 4 (0: no dd)  --host small|big  --compare LABEL=CMD (another converter, e.g. an older checkout,
-alternating with ours: A/B in one invocation).
+alternating with ours: A/B in one invocation)  --precisions none,int8,int4  --weight_only_arch 80
+--weight_only_sm90_layout column_major|permuted.
+
+Weight-only on the full-width layers (the issue 14 measurement):
+
+    python benchmarks/bench_convert.py --layers 1 --mappings tp4_moetp2_moeep2,tp8_moeep8 \
+        --precisions none,int8,int4 --skip_naive --repeat 3 --work_dir /work/bench-shared
 
 Quick plumbing check with a tiny config (e.g. hidden 256, intermediate 512, vocab 1000, 8 experts,
 8 heads, 8 kv heads) instead of generating 6 GB; `--converter` swaps in another command prefix:
@@ -369,6 +378,7 @@ class Command:
     argv: list[str]
     out_dir: Path
     runs: list[RunResult] = field(default_factory=list)
+    precision: str = "none"  # weight-only int8 / int4 (ours only)
 
 
 def launcher(prefix: str) -> list[str]:
@@ -390,10 +400,13 @@ def build_commands(ckpt: Checkpoint, args: argparse.Namespace, out_root: Path) -
     for key in args.mappings:
         label, margs = MAPPINGS[key]
         for name, command in converters:
-            out = out_root / f"{tag}-{name}-{key}"
-            argv = [*launcher(command), "--model_dir", src, "--output_dir", str(out), "--force", "--quiet"]
-            argv += margs + shlex.split(args.convert_args)
-            cmds.append(Command("ours", key, f"{name} {label}", argv, out))
+            for precision in args.precisions:
+                suffix = "" if precision == "none" else f"-{precision}"
+                out = out_root / f"{tag}-{name}-{key}{suffix}"
+                argv = [*launcher(command), "--model_dir", src, "--output_dir", str(out), "--force", "--quiet"]
+                argv += margs + weight_only_args(precision, args) + shlex.split(args.convert_args)
+                shown = f"{name} {label}" + ("" if precision == "none" else f" {precision}")
+                cmds.append(Command("ours", key, shown, argv, out, precision=precision))
     if not args.skip_naive:
         for key in args.mappings:
             label, margs = MAPPINGS[key]
@@ -401,6 +414,13 @@ def build_commands(ckpt: Checkpoint, args: argparse.Namespace, out_root: Path) -
             argv = [*launcher(args.naive), "--model_dir", src, "--output_dir", str(out)]
             cmds.append(Command("naive", key, f"naive {label}", argv + margs + shlex.split(args.naive_args), out))
     return cmds
+
+
+def weight_only_args(precision: str, args: argparse.Namespace) -> list[str]:
+    if precision == "none":
+        return []
+    out = ["--use_weight_only", "--weight_only_precision", precision, "--weight_only_arch", str(args.weight_only_arch)]
+    return out + (["--weight_only_sm90_layout", args.weight_only_sm90_layout] if args.weight_only_arch == 90 else [])
 
 
 def log(msg: str) -> None:
@@ -493,6 +513,8 @@ class Row:
     peak_anon_mb: float  # max over the timed runs
     failed_runs: int
     runs: list[RunResult]
+    precision: str = "none"
+    vs_unquantized: float = float("nan")  # weight-only: median over the same mapping's unquantized median
 
 
 def summarize(model: str, ckpt: Checkpoint, cmds: list[Command], dd_gb_per_s: float) -> list[Row]:
@@ -526,8 +548,14 @@ def summarize(model: str, ckpt: Checkpoint, cmds: list[Command], dd_gb_per_s: fl
                 peak_anon_mb=max((r.peak_anon_mb for r in ok), default=nan),
                 failed_runs=len(cmd.runs) - len(ok),
                 runs=cmd.runs,
+                precision=cmd.precision,
             )
         )
+    plain = {(r.kind, r.label): r.median_s for r in rows if r.precision == "none"}
+    for r in rows:
+        base = plain.get((r.kind, r.label.removesuffix(f" {r.precision}")))
+        if r.precision != "none" and base:
+            r.vs_unquantized = r.median_s / base
     return rows
 
 
@@ -546,15 +574,16 @@ def markdown_tables(rows: list[Row], repeat: int, disks: list[DiskSpeed]) -> str
         lines += [f"`dd if=/dev/zero oflag=direct` + `sync` on the same disk (median, then each): {speeds}.", ""]
     lines += [
         f"| model | command | bytes in | bytes out | seconds (median of {repeat}) | fastest-slowest "
-        "| first byte s | t / (t_cp * out/in) | GB/s out | / dd | peak anon MB |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| first byte s | t / (t_cp * out/in) | t / t_unquantized | GB/s out | / dd | peak anon MB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         failed = f" ({r.failed_runs} failed)" if r.failed_runs else ""
+        vs_plain = "" if r.precision == "none" else f"{r.vs_unquantized:.2f}"
         lines.append(
             f"| {r.model} ({r.layers}L) | `{r.label}`{failed} | {human_bytes(r.bytes_in)} "
             f"| {human_bytes(r.bytes_out)} | {r.median_s:.2f} | {r.spread_s[0]:.2f}-{r.spread_s[1]:.2f} "
-            f"| {r.first_byte_s:.2f} | {r.ratio_vs_cp:.2f} | {r.gb_per_s:.2f} | {r.vs_dd:.2f} "
+            f"| {r.first_byte_s:.2f} | {r.ratio_vs_cp:.2f} | {vs_plain} | {r.gb_per_s:.2f} | {r.vs_dd:.2f} "
             f"| {r.peak_anon_mb:.0f} |"
         )
     one_layer = {r.label: r for r in rows if r.layers == 1}
@@ -612,6 +641,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--generate_only", action="store_true", help="build/check the cached checkpoints and exit")
     ap.add_argument("--dd_gb", type=float, default=4.0, help="GB each dd measurement writes (0: no dd)")
     ap.add_argument(
+        "--precisions",
+        default="none",
+        help="comma-separated: none (unquantized), int8, int4: our converter runs each mapping at each",
+    )
+    ap.add_argument("--weight_only_arch", type=int, default=80, help="target arch of the weight-only runs (80)")
+    ap.add_argument("--weight_only_sm90_layout", default="permuted", help="with --weight_only_arch 90")
+    ap.add_argument(
         "--host",
         choices=["small", "big"],
         default="small",
@@ -623,6 +659,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeat = max(args.repeat, 3)
     args.layers = [int(x) for x in args.layers.split(",") if x.strip()]
     args.mappings = [m.strip() for m in args.mappings.split(",") if m.strip()]
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if bad := [p for p in args.precisions if p not in ("none", "int8", "int4")]:
+        ap.error(f"--precisions takes none, int8, int4; got {bad}")
     if bad := [c for c in args.compare if "=" not in c or c.startswith(("ours=", "cp=", "naive="))]:
         ap.error(f"--compare takes LABEL=COMMAND with a label other than ours, cp, naive: {bad}")
     if unknown := [m for m in args.mappings if m not in MAPPINGS]:

@@ -60,7 +60,10 @@ def test_rules_file_is_complete_and_consistent(name: str) -> None:
         assert entry.get("tied_to", "embed") in rules["sources"]
     names = set(entries)
     for w in rules["weights"]:
-        assert set(w) <= {"target", "scope", "sources", "split", "dtype", "when", "why"}, w
+        assert set(w) <= {"target", "scope", "sources", "split", "dtype", "when", "why", "weight_only"}, w
+        if w.get("weight_only"):  # a linear weight whose pieces are whole rows, in the model dtype
+            assert w["weight_only"] is True and w["target"].endswith(".weight") and "dtype" not in w, w
+            assert w["split"] in ("qkv_heads", "tp_columns", "tp_rows", "expert_rows", "expert_columns"), w
         assert w["split"] in SPLITS and w["scope"] in SCOPES, w
         assert set(w["sources"]) <= names, w
         assert w.get("when", "qkv_bias") in FLAG_NAMES
