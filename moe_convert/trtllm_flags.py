@@ -52,7 +52,7 @@ FLAGS = (
     Flag(
         "disable_weight_only_quant_plugin",
         "accepted",
-        "an engine build choice for weight-only quantization, which is not written here",
+        "an engine build choice for weight-only quantization; the checkpoint is the same either way",
     ),
     Flag("cp_size", "accepted", "context parallelism 1 is what is written (mapping.cp_size 1)", click.INT),
     # Values TensorRT-LLM uses only to build a model without a checkpoint: they must agree with config.json.
