@@ -59,6 +59,20 @@ WIDE_QWEN2: dict[str, Any] = {
     "random_vectors": True,
     "max_shard_size": "2MB",
 }
+WIDE_QWEN3: dict[str, Any] = {
+    "family": "qwen3_moe",
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "moe_intermediate_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "random_vectors": True,
+    "max_shard_size": "2MB",
+}
 # The mappings.
 LAYOUTS = [
     Layout(tp=1, dtype="bfloat16"),
@@ -183,6 +197,18 @@ def test_one_weight_of_each_layout_against_the_slow_reference(
         weight, scales = reference(spec[name], q.precision, q.arch, q.sm90_layout or "column_major")
         assert got[name].numpy().tobytes() == weight
         assert got[name.removesuffix("weight") + "per_channel_scale"].view(torch.uint8).numpy().tobytes() == scales
+
+
+def test_qwen3_moe_keeps_its_qk_norms_and_quantizes_the_rest(
+    make_checkpoint: MakeCheckpoint, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    model = make_checkpoint(**WIDE_QWEN3)
+    lay, q = Layout(tp=2, moe_ep=2, dtype="bfloat16"), Quant("int8", 90, "column_major")
+    out = quantized(tmp_path_factory, model, lay, q)
+    assert assert_quantized_ranks(out, spec_tensors(tmp_path_factory, model, lay), q.scheme) == 2 * 2 * 4
+    assert load_file(out / "rank1.safetensors")["transformer.layers.1.attention.q_layernorm.weight"].dtype == (
+        torch.bfloat16
+    )
 
 
 def test_qwen2_moe_shared_expert_is_quantized_its_gate_is_not(
@@ -379,6 +405,15 @@ def test_shapes_the_kernels_cannot_take_are_refused_in_one_line_before_reading(
     assert "mlp.fc.weight [8, 32, 512]: out_features 32 is not a multiple of 64 (int4, interleaved" in line
     assert "a smaller tp or moe_tp (or int8) may fit" in line and len(line) <= 400
     assert not (tmp_path / "o").exists()
+
+
+def test_save_config_only_writes_the_quantization_block(wide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = ["--use_weight_only", "--weight_only_precision", "int4", "--weight_only_arch", "89"]
+    result = run("convert", "--model_dir", str(wide), "--output_dir", str(out), "--save_config_only", *args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert json.loads((out / "config.json").read_text())["quantization"]["quant_algo"] == "W4A16"
 
 
 def test_convert_json_and_progress_say_the_precision(wide: Path, tmp_path: Path) -> None:
