@@ -5,7 +5,9 @@ front, see writer.py) and hands the work to the files' lanes (write threads): a 
 byte range of the source is read by the lane straight into the file's staging buffer; the others are
 read by the main thread in chunks of at most `chunk_bytes` into one of two reused buffers, and the
 lanes slice (numpy, on the elements' raw bits) and cast (see _Casts) their pieces from it a few MB at a
-time. Memory stays bounded whatever the model size.
+time. A piece of a weight-only quantized weight is cast to the model dtype the same way and handed to the
+weight's QuantizedOutput (quantize_stream.py), which quantizes whole row groups on the lane and writes
+their bytes, and at the end the scales. Memory stays bounded whatever the model size.
 """
 
 from __future__ import annotations
