@@ -591,7 +591,7 @@ def plan_conversion(
             )
         )
     if too_small:
-        hint = "a smaller tp or moe_tp (or int8) may fit"
+        hint = "a smaller tp or moe_tp (a larger moe_ep), or int8, may fit"
         problems = list(too_small) if len(too_small) > 1 else [f"{next(iter(too_small))}; {hint}"]
         collect(problems, UsageError, f"weights TensorRT-LLM's weight-only kernels cannot take ({hint})")
     shared = False

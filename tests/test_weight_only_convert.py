@@ -403,7 +403,7 @@ def test_shapes_the_kernels_cannot_take_are_refused_in_one_line_before_reading(
     )
     assert "transformer.layers.N.mlp.proj.weight [8, 512, 16]: in_features 16 is not a multiple of 64" in line
     assert "mlp.fc.weight [8, 32, 512]: out_features 32 is not a multiple of 64 (int4, interleaved" in line
-    assert "a smaller tp or moe_tp (or int8) may fit" in line and len(line) <= 400
+    assert "a smaller tp or moe_tp (a larger moe_ep), or int8, may fit" in line and len(line) <= 400
     assert not (tmp_path / "o").exists()
 
 
