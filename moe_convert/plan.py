@@ -524,7 +524,7 @@ def plan_conversion(
         spec: the model's sizes (from config.json).
         sources: every source tensor's dtype and shape (from the safetensors headers).
         mapping: the resolved parallel mapping.
-        options: output dtype and embedding options.
+        options: output dtype, embedding and weight-only options.
     """
     options = options or ConvertOptions()
     scheme = options.weight_only
@@ -576,8 +576,8 @@ def plan_conversion(
             planned = PlannedTensor(name, out_dtype, tuple(shape), tuple(out.pieces))
             if scheme is None or not rule.get("weight_only"):
                 tensors.append(planned)
-            elif problems := scheme.check(rule["target"].format(local_layer="N"), planned.shape):
-                too_small.update(dict.fromkeys(problems))
+            elif limits := scheme.check(rule["target"].format(local_layer="N"), planned.shape):
+                too_small.update(dict.fromkeys(limits))
             else:
                 tensors += _quantize(scheme, planned)
         ranks.append(
