@@ -16,8 +16,9 @@ import copy
 import json
 import logging
 import math
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -382,24 +383,87 @@ def _check_transformers_agrees(cfg: Any, spec: ModelSpec, where: str) -> None:
 
 @contextlib.contextmanager
 def _transformers_notes(where: str) -> Iterator[list[str]]:
-    """Collect transformers' log records and warnings about the config, one line each, instead of letting its
-    own stderr handler print them (which would break the one-line error contract)."""
+    """Collect the log records and warnings that transformers raises in this thread, one line each, instead of
+    letting its own stderr handler print them (which would break the one-line error contract).
+
+    Only this thread's output is taken: step (b) may run on a background thread while others convert, so
+    nothing process-wide is swapped (`warnings.catch_warnings` would swap the filters and the display hook
+    under the other threads' feet). Log records: a handler on the transformers logger keeps this thread's,
+    a filter on the handlers they would reach drops them there. Warnings: see `_thread_warnings`.
+    """
     notes: list[str] = []
-    tf_log = logging.getLogger("transformers")
+    me = threading.get_ident()
+
+    def note(text: str) -> None:
+        notes.append(f"{where}: transformers: {' '.join(text.split())}")
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            notes.append(f"{where}: transformers: {' '.join(record.getMessage().split())}")
+            if record.thread == me:
+                note(record.getMessage())
 
-    saved = tf_log.handlers[:], tf_log.propagate
-    tf_log.handlers[:], tf_log.propagate = [Collect()], False
+    def not_mine(record: logging.LogRecord) -> bool:
+        return record.thread != me
+
+    tf_log = logging.getLogger("transformers")
+    reached = _handlers_reached(tf_log)
+    for h in reached:
+        h.addFilter(not_mine)
+    collect = Collect()
+    tf_log.addHandler(collect)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _thread_warnings(note):
             yield notes
-        notes.extend(f"{where}: transformers: {' '.join(str(w.message).split())}" for w in caught)
     finally:
-        tf_log.handlers[:], tf_log.propagate = saved
+        tf_log.removeHandler(collect)
+        for h in reached:
+            h.removeFilter(not_mine)
+
+
+def _handlers_reached(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers a record logged under `logger` reaches (as `Logger.callHandlers` walks them)."""
+    handlers: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        handlers += node.handlers
+        node = node.parent if node.propagate else None
+    return handlers
+
+
+# Thread ident -> where that thread's warnings go, while it is inside `_thread_warnings`.
+_warning_sinks: dict[int, Callable[[str], None]] = {}
+_warning_sinks_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _thread_warnings(sink: Callable[[str], None]) -> Iterator[None]:
+    """Send the warnings this thread raises to `sink` instead of stderr; other threads' are not touched.
+
+    `warnings._showwarnmsg` is what Python calls to show a warning that passed the filters; a router put
+    there once (and left, passing every other warning on) sends each to the sink of the thread raising it.
+    It composes with `catch_warnings` elsewhere, which swaps `showwarning` and the filters but not this.
+    The process's filters still apply: a warning shown once per place appears once per process.
+    """
+    me = threading.get_ident()
+    with _warning_sinks_lock:
+        show = getattr(warnings, "_showwarnmsg", None)
+        if show is not None and not getattr(show, "routes_by_thread", False):
+
+            def route(msg: warnings.WarningMessage) -> None:
+                to = _warning_sinks.get(threading.get_ident())
+                if to is None:
+                    show(msg)
+                else:
+                    to(str(msg.message))
+
+            route.routes_by_thread = True  # type: ignore[attr-defined]
+            warnings._showwarnmsg = route  # type: ignore[attr-defined]
+        _warning_sinks[me] = sink
+    try:
+        yield
+    finally:
+        with _warning_sinks_lock:
+            del _warning_sinks[me]
 
 
 def read_model(raw: dict[str, Any], where: str) -> tuple[ModelSpec, ModelSettings]:
