@@ -28,10 +28,13 @@ from .source import SourceCheckpoint, open_source
 log = logging.getLogger(__name__)
 
 
-def open_model(model_dir: str | os.PathLike[str], revision: str | None = None) -> SourceCheckpoint:
-    """A local checkpoint directory or a hub repo id (downloaded into, or found in, the hub cache)."""
+def open_model(
+    model_dir: str | os.PathLike[str], revision: str | None = None, *, settings_later: bool = False
+) -> SourceCheckpoint:
+    """A local checkpoint directory or a hub repo id (downloaded into, or found in, the hub cache).
+    `settings_later`: as for `open_source`."""
     resolved = resolve_model_dir(model_dir, revision)
-    source = open_source(resolved.path)
+    source = open_source(resolved.path, settings_later=settings_later)
     return replace(source, hub_id=resolved.hub_id, revision=resolved.revision)
 
 
