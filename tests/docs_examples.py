@@ -4,7 +4,9 @@ The convention:
 
 - A ```console block is run. A line `$ CMD` is a command (continued over following lines when it ends
   with a backslash, or up to the end marker of a `<<'EOF'` here-document); the lines after it, up to the
-  next `$ ` line, are its expected output, stdout and stderr together as a terminal shows them. A line
+  next `$ ` line, are its expected output, stdout and stderr together as a terminal shows them. Each
+  command runs in its own `bash -c` in the file's scratch directory: files carry over from one command to
+  the next, shell variables and `cd` do not (`$?` does). A line
   that is just `...` stands for any number of lines. Blank lines at the end of an output are ignored.
   A command must exit 0 unless its expected output has an `error:` line or the next command is
   `echo $?`.

@@ -197,7 +197,7 @@ def test_job_file_errors_are_one_line(tmp_path: Path, content: str, message: str
 
 def test_the_example_job_file_fits_mixtral_8x7b() -> None:
     job = read_job_file(REPO / "configs" / "batch-example.yaml")
-    assert job.model_dir == "mistralai/Mixtral-8x7B-v0.1" and len(job.mappings) == 4
+    assert job.model_dir == "configs/mixtral-8x7b-v0.1.config.json" and len(job.mappings) == 5
     spec_dir = REPO / "configs"
     from moe_convert.config_only import read_config_file
 
@@ -210,4 +210,5 @@ def test_the_example_job_file_fits_mixtral_8x7b() -> None:
         "tp8_pp1_moetp2_moeep4",
         "tp8-expert-tp",
         "tp4_pp2_moetp1_moeep4",
+        "tp8_pp1_moetp1_moeep8_int4",
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,18 @@ def test_readme_links_every_doc() -> None:
     docs = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
     missing = [d for d in docs if f"]({d})" not in readme]
     assert not missing, f"README.md does not link {missing}"
+
+
+def test_families_doc_counts_the_rules_files_lines() -> None:
+    text = (ROOT / "docs" / "families.md").read_text()
+    pattern = r"Lines per family: Mixtral (\d+) lines of rules .*?, Qwen2-MoE (\d+), Qwen3-MoE (\d+);"
+    stated = re.search(pattern, text, re.S)
+    assert stated, "docs/families.md no longer says how many lines each family's rules take"
+    actual = [
+        len((ROOT / "moe_convert" / "architectures" / f"{name}.json").read_text().splitlines())
+        for name in ("mixtral", "qwen2_moe", "qwen3_moe")
+    ]
+    assert [int(n) for n in stated.groups()] == actual
 
 
 # The convention itself.
