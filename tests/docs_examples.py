@@ -282,26 +282,38 @@ class Mismatch:
         )
 
 
+@dataclass
+class FileRun:
+    mismatches: list[Mismatch] = field(default_factory=list)
+    ran: int = 0
+    skipped: list[str] = field(default_factory=list)  # commands that need a tool this machine lacks
+
+
+# Tools the examples use beyond the POSIX shell and coreutils; a command needing a missing one is skipped.
+OPTIONAL_TOOLS = ("jq",)
+
+
 def run_file(
     path: str,
     workdir: Path,
     example_cache: ExampleCache | None = None,
     pycon_outputs: list[tuple[Block, list[str]]] | None = None,
-) -> tuple[list[Mismatch], int]:
-    """Run every runnable block of one markdown file in order; (mismatches, commands run).
+) -> FileRun:
+    """Run every runnable block of one markdown file in order.
 
-    With `pycon_outputs`, a failing pycon block is run again to record what it prints (for --update).
+    With `pycon_outputs`, what each pycon block printed is recorded (for --update).
     """
     text = (ROOT / path).read_text()
     blocks = parse_blocks(path, text)
     sandbox = Sandbox(workdir, example_cache)
-    mismatches: list[Mismatch] = []
-    ran = 0
+    result = FileRun()
+    mismatches = result.mismatches
+    missing = [t for t in OPTIONAL_TOOLS if shutil.which(t, path=sandbox.env["PATH"]) is None]
     if path == "README.md":
         first = next(b for b in blocks if b.lang == "bash")
         command = without_installs(first_commands(first)[0])
         rc, out = sandbox.run(command)
-        ran += 1
+        result.ran += 1
         if rc != 0:
             fake = Command(first.first, command, [], (0, 0))
             mismatches.append(Mismatch(fake, rc, out, "README.md's first command failed"))
@@ -309,7 +321,7 @@ def run_file(
         if block.not_run is not None:
             continue
         if block.lang == "pycon":
-            ran += 1
+            result.ran += 1
             failures, got = _run_pycon(block, sandbox)
             if pycon_outputs is not None and got:
                 pycon_outputs.append((block, _pycon_with_outputs(block, got)))
@@ -320,13 +332,16 @@ def run_file(
             continue
         for k, command in enumerate(block.commands):
             following = block.commands[k + 1] if k + 1 < len(block.commands) else None
+            if any(re.search(rf"(^|[|;&(]\s*){tool}\b", command.text) for tool in missing):
+                result.skipped.append(f"{path}:{command.line}")
+                continue
             rc, out = sandbox.run(command.text)
-            ran += 1
+            result.ran += 1
             if not matches(command.expected, out):
                 mismatches.append(Mismatch(command, rc, out, "the output differs"))
             elif rc != 0 and not allowed_to_fail(command, following):
                 mismatches.append(Mismatch(command, rc, out, f"exit {rc} (an error: line or `echo $?` says so)"))
-    return mismatches, ran
+    return result
 
 
 class _NormalisingChecker(doctest.OutputChecker):
@@ -394,7 +409,7 @@ def unmarked_blocks(path: str) -> Iterator[Block]:
 def update(path: str, workdir: Path, example_cache: ExampleCache | None = None) -> int:
     """Rewrite the expected outputs of `path` that no longer match with real ones; how many changed."""
     pycon_outputs: list[tuple[Block, list[str]]] = []
-    mismatches, _ = run_file(path, workdir, example_cache, pycon_outputs)
+    mismatches = run_file(path, workdir, example_cache, pycon_outputs).mismatches
     lines = (ROOT / path).read_text().split("\n")
     edits: list[tuple[int, int, list[str]]] = []
     for block, new_lines in pycon_outputs:
@@ -455,11 +470,12 @@ def _main_file(path: str, cache: ExampleCache, rewrite: bool) -> int:
         if rewrite:
             print(f"{path}: {update(path, Path(tmp), cache)} outputs rewritten")
             return 0
-        mismatches, ran = run_file(path, Path(tmp), cache)
-        for mismatch in mismatches:
+        run = run_file(path, Path(tmp), cache)
+        for mismatch in run.mismatches:
             print(mismatch.report(path) + "\n")
-        print(f"{path}: {ran} commands, {len(mismatches)} mismatches")
-        return len(mismatches)
+        skipped = f", {len(run.skipped)} skipped (no {' or '.join(OPTIONAL_TOOLS)})" if run.skipped else ""
+        print(f"{path}: {run.ran} commands, {len(run.mismatches)} mismatches{skipped}")
+        return len(run.mismatches)
 
 
 if __name__ == "__main__":
