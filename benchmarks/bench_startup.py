@@ -13,10 +13,10 @@ one invocation), each into its own fresh, empty output dir, after one warm-up ro
 files). Medians, min and max over `--repeat` rounds.
 
 Then, per command, one run under `-X importtime` with an audit hook that records which thread imported
-each module: the import time (the modules' own times) spent before the first byte in the main thread,
-in the background thread that reads config.json's settings through transformers, and in the others,
-with the costliest packages of each; and `--memory_runs` runs polled every 5 ms for the peak RssAnon of
-the process and its children summed (as bench_convert.py measures), and of the process alone.
+each module: the import time (the modules' own times) spent before the first byte in the main thread
+and in the others, with the costliest packages of each; and `--memory_runs` runs polled every 5 ms for
+the peak RssAnon of the process and its children summed (as bench_convert.py measures), and of the
+process alone.
 
     python benchmarks/bench_startup.py --repeat 15                  # the tiny example (`moe-convert example`)
     python benchmarks/bench_startup.py --model_dir /work/bench-shared/checkpoints/mixtral-1L-<tag> \\
@@ -185,7 +185,7 @@ def import_breakdown(run: Run, log: Path, top: int) -> dict[str, dict[str, objec
     packages: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for line in log.read_text().splitlines():
         at, thread, module = line.split("\t")
-        group = {"MainThread": "main thread", "moe-convert-settings": "settings thread"}.get(thread, "other threads")
+        group = "main thread" if thread == "MainThread" else "other threads"
         key = (group, "before" if float(at) < first_byte else "after")
         s = own_us.get(module, 0) / 1e6
         seconds[key] += s

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import progress as progress_lines
 from .errors import MappingError, OutputError, UsageError, collect, shorten
-from .execute import DEFAULT_CHUNK_BYTES, RankResult, WriteJob, execute_plans, uses_torch
+from .execute import DEFAULT_CHUNK_BYTES, RankResult, WriteJob, execute_plans
 from .identity import run_identity
 from .jobs import MappingLike, as_request, check_unique_subdirs
 from .manifest import MANIFEST_FILE, build_manifest
@@ -253,7 +253,7 @@ def convert(
         weight_only_arch=weight_only_arch,
         weight_only_sm90_layout=weight_only_sm90_layout,
     )
-    source = open_model(model_dir, revision, settings_later=True)
+    source = open_model(model_dir, revision)
     the_plan = plan_source(
         source, tp_size=tp_size, pp_size=pp_size, moe_tp_size=moe_tp_size, moe_ep_size=moe_ep_size, options=options
     )
@@ -333,7 +333,7 @@ def convert_batch(
         weight_only_arch=weight_only_arch,
         weight_only_sm90_layout=weight_only_sm90_layout,
     )
-    source = open_model(model_dir, revision, settings_later=True)
+    source = open_model(model_dir, revision)
     plans, problems = [], []
     for r in requests:
         try:
@@ -431,9 +431,6 @@ def _convert_jobs(
                 log.info("wrote %s (%s, sha256 %s)", output_dir / r.file, human_bytes(r.bytes), r.sha256[:16])
 
         try:
-            # config.json's settings come through transformers, seconds to import: read while the data
-            # streams, and waited for before any rank file is committed.
-            source.pending_settings.start(torch_here=uses_torch(write_jobs, source.tensors))
             results = execute_plans(
                 write_jobs,
                 source.tensors,
@@ -442,17 +439,7 @@ def _convert_jobs(
                 chunk_bytes=chunk_bytes,
                 on_bytes=bar.update,
                 on_rank_done=rank_done,
-                before_commit=source.pending_settings.result,
             )
-            source.pending_settings.result()  # also where no rank file was left to write (--resume)
-        except BaseException:
-            if not source.pending_settings.failed:
-                source.pending_settings.cancel()
-            elif not resume:  # a config found bad late is still a refusal: no rank file was committed
-                for journal in journals.values():
-                    journal.finish()
-                dirs.take_back()
-            raise
         finally:
             bar.close()
         written_at = time.perf_counter()

@@ -182,9 +182,10 @@ class _Casts:
         self.restore_threads = 0
 
     def get(self, source: str, target: str) -> Cast:
-        numpy_cast = _without_torch(source, target)
-        if numpy_cast is not None:
-            return numpy_cast
+        if source == target:
+            return functools.partial(np.copyto, casting="no")
+        if (source, target) == ("BF16", "F32"):  # the usual router: bf16 is the top half of a float32
+            return _widen_bf16
         torch = self.torch()  # only other conversions between dtypes need it
         src, dst = torch_dtype(source), torch_dtype(target)
 
@@ -208,25 +209,6 @@ class _Casts:
 
             torch.set_num_threads(self.restore_threads)
             self.restore_threads = 0
-
-
-def _without_torch(source: str, target: str) -> Cast | None:
-    if source == target:
-        return functools.partial(np.copyto, casting="no")
-    if (source, target) == ("BF16", "F32"):  # the usual router: bf16 is the top half of a float32
-        return _widen_bf16
-    return None
-
-
-def uses_torch(jobs: Sequence[WriteJob], tensors: dict[str, TensorInfo]) -> bool:
-    """Whether writing `jobs` imports torch: a weight-only quantized weight, or a cast numpy does not do here."""
-    return any(
-        t.quantized is not None or _without_torch(tensors[p.source].dtype, t.dtype) is None
-        for job in jobs
-        for r in job.ranks()
-        for t in r.tensors
-        for p in t.pieces
-    )
 
 
 def _widen_bf16(out: np.ndarray, part: np.ndarray) -> None:
@@ -300,15 +282,13 @@ def execute_plans(
     direct_io: bool = True,
     on_bytes: Callable[[int], None] = lambda n: None,
     on_rank_done: Callable[[Path, RankResult], None] = lambda path, r: None,
-    before_commit: Callable[[], object] = lambda: None,
 ) -> list[list[RankResult]]:
     """Write the rank files of every job, reading each needed source byte once for all of them.
 
     `workers` write threads share the rank files (default: two per core, 8 to 16); `direct_io` writes past
     the page cache where the file system allows. Rank files appear under their final names only when
     complete and flushed; on any error every temporary file is removed. Returns, per job, one result per
-    rank file written. `before_commit` runs on a write thread before each rank file gets its final name;
-    if it raises, that file is not committed and this raises its error.
+    rank file written.
     """
     n_files = sum(len(job.ranks()) for job in jobs)
     prof = profiling.begin()
@@ -348,7 +328,7 @@ def execute_plans(
                 on_bytes(n)
 
         ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS), casts, counted)
-        commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done, before_commit)
+        commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
             _scatter(ctx, tensors[n], by_source[n])
             commit_when_done(by_source[n])
@@ -425,10 +405,8 @@ class _EarlyCommit:
         reader: _SourceReader,
         lanes: WriteThreads,
         on_rank_done: Callable[[Path, RankResult], None],
-        before_commit: Callable[[], object],
     ) -> None:
         self.reader = reader
-        self.before_commit = before_commit
         self.lanes = lanes
         self.on_rank_done = on_rank_done
         self.where: dict[RankFileWriter, tuple[Path, str]] = {}
@@ -458,7 +436,7 @@ class _EarlyCommit:
         def finish() -> None:
             # A source shard rewritten during the run would make this file a mix of old and new bytes.
             self.reader.check_unchanged()
-            result = RankResult(file, w.layout.size, w.finish(before_rename=self.before_commit))
+            result = RankResult(file, w.layout.size, w.finish())
             with self.lock:
                 self.results[w] = result
                 self.on_rank_done(output_dir, result)

@@ -4,9 +4,13 @@
     rules data says (keys, alternative spellings, defaults), type-checked and bounded here. It imports
     neither transformers nor torch, so planning can start at once.
 (b) `read_settings`: what only the output config.json needs (RoPE, norm epsilon, positions, the family's
-    own settings such as top-k renormalisation), read through transformers' config class, which knows
-    every spelling and default; it also checks that transformers sees the sizes as (a) did. It changes
-    nothing and logs nothing (its notes come back in the result), so it can run while data streams.
+    own settings such as top-k renormalisation). Where config.json states each of them plainly, in
+    spellings this module knows (`settings_from_json`), they are read from the raw JSON: importing
+    transformers' config classes costs 1.5 s here and 12 s on a big host, and a conversion would wait
+    for it. Anything else (a setting left to its default, a rope type or key not known here, an odd value)
+    is read through transformers' config class (`settings_by_transformers`), which knows every spelling
+    and default, and also checks that transformers sees the sizes as (a) did. `verify` always reads
+    through transformers, so it cross-checks the first way; tests/test_settings.py proves both agree.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ import copy
 import json
 import logging
 import math
-import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-from .architectures import Rules, rules_for
+from .architectures import Rules, all_rules, rules_for
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -123,7 +126,7 @@ def evaluate(expr: int | str, dims: dict[str, int]) -> int:
     return math.prod(int(f) if f.strip().isdigit() else dims[f.strip()] for f in expr.split("*"))
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -284,7 +287,133 @@ def _check_bounds(sizes: dict[str, int], keys: dict[str, str], where: str) -> No
 
 
 def read_settings(raw: dict[str, Any], spec: ModelSpec, where: str) -> ModelSettings:
-    """Step (b): config.json's semantic values through transformers' config class, checked and finite."""
+    """Step (b): from the raw JSON where it states every setting plainly, else through transformers."""
+    return settings_from_json(raw, spec) or settings_by_transformers(raw, spec, where)
+
+
+# The rope types read without transformers, each with the keys transformers' validation knows for it
+# (besides rope_type, its older spelling type, and rope_theta). Any other type or key: transformers decides.
+_ROPE_KEYS = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor"}),
+    "yarn": frozenset(
+        {
+            "factor",
+            "original_max_position_embeddings",
+            "attention_factor",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+        }
+    ),
+}
+# Top-level keys transformers folds into the rope settings: where present, it decides.
+_ROPE_EXTRAS = ("partial_rotary_factor", "original_max_position_embeddings")
+
+
+def settings_from_json(raw: dict[str, Any], spec: ModelSpec) -> ModelSettings | None:
+    """Step (b) from the raw JSON, where config.json states every setting plainly; None where transformers
+    must decide.
+
+    Plainly: rms_norm_eps a positive finite float, max_position_embeddings an integer within bounds, the rope
+    settings in a spelling and a type `_rope_from_json` knows, each family setting present with a value the
+    rules map (or absent where the rules give its default: transformers' classes have no such attribute),
+    and no size or flag spelled as only another family spells it (transformers' class may alias it to ours).
+    The result is what `settings_by_transformers` gives (tests/test_settings.py), without its import.
+    """
+    eps, positions = raw.get("rms_norm_eps"), raw.get("max_position_embeddings")
+    if not (isinstance(eps, float) and _plain_number(eps) and eps > 0):
+        return None
+    if not (_is_int(positions) and 1 <= positions <= MAX_POSITIONS) or _foreign_keys(raw, spec.rules):
+        return None
+    rope = _rope_from_json(raw, spec, positions)
+    if rope is None:
+        return None
+    family = {}
+    for name, entry in spec.rules["config"]["settings"].items():
+        value = raw.get(entry["attribute"], entry.get("default"))
+        if value is None:
+            return None  # transformers' class has the default
+        if "values" in entry:
+            value = entry["values"].get(json.dumps(value))
+        elif not (_is_int(value) and 1 <= value <= MAX_POSITIONS):
+            value = None
+        if value is None:
+            return None
+        family[name] = value
+    theta, scaling = rope
+    return ModelSettings(eps, float(theta), scaling, positions, family)
+
+
+def _plain_number(v: object) -> TypeGuard[float]:
+    """A finite float, or an integer a float holds exactly."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**53
+
+
+def _foreign_keys(raw: dict[str, Any], rules: Rules) -> bool:
+    """A size or flag spelled as only another family's rules spell it (Mixtral's config with num_experts)."""
+
+    def spellings(r: Rules) -> set[str]:
+        config = r["config"]
+        return {k for spec in [*config["sizes"].values(), *config["flags"].values()] for k in _Entry.of(spec).keys}
+
+    ours = spellings(rules)
+    return any(k in raw and k not in ours for r in all_rules() for k in spellings(r))
+
+
+def _rope_from_json(raw: dict[str, Any], spec: ModelSpec, positions: int) -> tuple[float, dict[str, Any] | None] | None:
+    """(rotary base, scaling dict or None) from `rope_theta` + `rope_scaling` (transformers 4) or
+    `rope_parameters` (transformers 5), filled in as transformers fills them in; None for transformers to
+    decide: both spellings at once, a missing rope_theta (each class has its own default), a type or key not
+    in _ROPE_KEYS, a value transformers would take with a note (a factor below 1, ...)."""
+    if any(k in raw for k in _ROPE_EXTRAS) or (spec.head_dim > 4 and spec.head_dim % 2):
+        return None  # (transformers may reject an odd rotary dimension)
+    scaling, parameters = raw.get("rope_scaling"), raw.get("rope_parameters")
+    given = parameters if scaling is None else scaling
+    if (scaling is not None and parameters is not None) or not isinstance(given or {}, dict):
+        return None
+    rope = dict(given or {})  # in transformers' order: given keys, rope_theta, rope_type, yarn's positions
+    if "rope_theta" in raw and not _same(rope.setdefault("rope_theta", raw["rope_theta"]), raw["rope_theta"]):
+        return None  # given twice, differently
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in _ROPE_KEYS or not _same(rope.get("type", kind), kind):
+        return None
+    rope.setdefault("rope_type", kind)
+    if kind == "yarn":
+        rope.setdefault("original_max_position_embeddings", positions)
+    values = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
+    theta = rope.get("rope_theta")
+    if values.keys() - _ROPE_KEYS[kind] or not (_plain_number(theta) and theta > 0):
+        return None
+    if kind == "default":  # a default-type rope_scaling dict is written as given: transformers decides
+        return (theta, None) if scaling is None else None
+    if not all(v is None or _plain_number(v) for v in values.values()):
+        return None
+    factor = values.get("factor")
+    if not (_plain_number(factor) and factor >= 1) or (kind == "yarn" and not _quiet_yarn(values, positions)):
+        return None
+    return theta, {k: v for k, v in rope.items() if k != "rope_theta"}
+
+
+def _quiet_yarn(values: dict[str, Any], positions: int) -> bool:
+    """YaRN values transformers takes without a note."""
+    original, attention = values["original_max_position_embeddings"], values.get("attention_factor")
+    fast, slow = values.get("beta_fast"), values.get("beta_slow")
+    return (
+        _is_int(original)
+        and original > 0
+        and (attention is None or (isinstance(attention, float) and attention >= 0))
+        and (fast or 32) >= (slow or 1)
+        and positions / original in (values["factor"], 1)
+    )
+
+
+def settings_by_transformers(raw: dict[str, Any], spec: ModelSpec, where: str) -> ModelSettings:
+    """Step (b) through transformers' config class (the authority on spellings and defaults), checked and finite."""
     from transformers import AutoConfig  # slow import; only once (a) found the config sane
 
     # A deep copy: transformers edits nested dicts (rope_scaling) in place, and `raw` stays the caller's.
@@ -383,93 +512,31 @@ def _check_transformers_agrees(cfg: Any, spec: ModelSpec, where: str) -> None:
 
 @contextlib.contextmanager
 def _transformers_notes(where: str) -> Iterator[list[str]]:
-    """Collect the log records and warnings that transformers raises in this thread, one line each, instead of
-    letting its own stderr handler print them (which would break the one-line error contract).
-
-    Only this thread's output is taken: step (b) may run on a background thread while others convert, so
-    nothing process-wide is swapped (`warnings.catch_warnings` would swap the filters and the display hook
-    under the other threads' feet). Log records: a handler on the transformers logger keeps this thread's,
-    a filter on the handlers they would reach drops them there. Warnings: see `_thread_warnings`.
-    """
+    """Collect transformers' log records and warnings about the config, one line each, instead of letting its
+    own stderr handler print them (which would break the one-line error contract)."""
     notes: list[str] = []
-    me = threading.get_ident()
-
-    def note(text: str) -> None:
-        notes.append(f"{where}: transformers: {' '.join(text.split())}")
+    tf_log = logging.getLogger("transformers")
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.thread == me:
-                note(record.getMessage())
+            notes.append(f"{where}: transformers: {' '.join(record.getMessage().split())}")
 
-    def not_mine(record: logging.LogRecord) -> bool:
-        return record.thread != me
-
-    tf_log = logging.getLogger("transformers")
-    reached = _handlers_reached(tf_log)
-    for h in reached:
-        h.addFilter(not_mine)
-    collect = Collect()
-    tf_log.addHandler(collect)
+    saved = tf_log.handlers[:], tf_log.propagate
+    tf_log.handlers[:], tf_log.propagate = [Collect()], False
     try:
-        with _thread_warnings(note):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             yield notes
+        notes.extend(f"{where}: transformers: {' '.join(str(w.message).split())}" for w in caught)
     finally:
-        tf_log.removeHandler(collect)
-        for h in reached:
-            h.removeFilter(not_mine)
+        tf_log.handlers[:], tf_log.propagate = saved
 
 
-def _handlers_reached(logger: logging.Logger) -> list[logging.Handler]:
-    """The handlers a record logged under `logger` reaches (as `Logger.callHandlers` walks them)."""
-    handlers: list[logging.Handler] = []
-    node: logging.Logger | None = logger
-    while node is not None:
-        handlers += node.handlers
-        node = node.parent if node.propagate else None
-    return handlers
-
-
-# Thread ident -> where that thread's warnings go, while it is inside `_thread_warnings`.
-_warning_sinks: dict[int, Callable[[str], None]] = {}
-_warning_sinks_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _thread_warnings(sink: Callable[[str], None]) -> Iterator[None]:
-    """Send the warnings this thread raises to `sink` instead of stderr; other threads' are not touched.
-
-    `warnings._showwarnmsg` is what Python calls to show a warning that passed the filters; a router put
-    there once (and left, passing every other warning on) sends each to the sink of the thread raising it.
-    It composes with `catch_warnings` elsewhere, which swaps `showwarning` and the filters but not this.
-    The process's filters still apply: a warning shown once per place appears once per process.
-    """
-    me = threading.get_ident()
-    with _warning_sinks_lock:
-        show = getattr(warnings, "_showwarnmsg", None)
-        if show is not None and not getattr(show, "routes_by_thread", False):
-
-            def route(msg: warnings.WarningMessage) -> None:
-                to = _warning_sinks.get(threading.get_ident())
-                if to is None:
-                    show(msg)
-                else:
-                    to(str(msg.message))
-
-            route.routes_by_thread = True  # type: ignore[attr-defined]
-            warnings._showwarnmsg = route  # type: ignore[attr-defined]
-        _warning_sinks[me] = sink
-    try:
-        yield
-    finally:
-        with _warning_sinks_lock:
-            del _warning_sinks[me]
-
-
-def read_model(raw: dict[str, Any], where: str) -> tuple[ModelSpec, ModelSettings]:
-    """Both steps, with transformers' notes logged."""
+def read_model(raw: dict[str, Any], where: str, *, by_transformers: bool = False) -> tuple[ModelSpec, ModelSettings]:
+    """Both steps, with transformers' notes logged; `by_transformers`: step (b) through transformers whatever
+    config.json holds (verify's cross-check)."""
     spec = read_sizes(raw, where)
-    settings = read_settings(raw, spec, where)
+    settings = (settings_by_transformers if by_transformers else read_settings)(raw, spec, where)
     for note in settings.notes:
         log.warning("%s", note)
     return spec, settings

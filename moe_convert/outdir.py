@@ -235,10 +235,6 @@ class OutputDirs:
         """From here on the directories hold our files: they stay, whatever happens next."""
         self.committed = True
 
-    def take_back(self) -> None:
-        """Undo `commit`: the run failed before leaving any file (a config found bad while writing)."""
-        self.committed = False
-
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:

@@ -28,13 +28,10 @@ from .source import SourceCheckpoint, open_source
 log = logging.getLogger(__name__)
 
 
-def open_model(
-    model_dir: str | os.PathLike[str], revision: str | None = None, *, settings_later: bool = False
-) -> SourceCheckpoint:
-    """A local checkpoint directory or a hub repo id (downloaded into, or found in, the hub cache).
-    `settings_later`: as for `open_source`."""
+def open_model(model_dir: str | os.PathLike[str], revision: str | None = None) -> SourceCheckpoint:
+    """A local checkpoint directory or a hub repo id (downloaded into, or found in, the hub cache)."""
     resolved = resolve_model_dir(model_dir, revision)
-    source = open_source(resolved.path, settings_later=settings_later)
+    source = open_source(resolved.path)
     return replace(source, hub_id=resolved.hub_id, revision=resolved.revision)
 
 
@@ -73,7 +70,8 @@ def source_record(source: SourceCheckpoint) -> dict[str, Any]:
 
 
 def replan_from_manifest(manifest: dict[str, Any], where: str) -> tuple[Plan, ModelSettings]:
-    """The plan (and the settings config.json needs) of the model, mapping and options a manifest records;
+    """The plan (and the settings config.json needs, read through transformers: verify's cross-check of a
+    conversion that read them from the JSON) of the model, mapping and options a manifest records;
     VerifyError (one line) if it cannot be made.
 
     The recorded config.json goes through the same reading (and bounds) as a source's, before the planner
@@ -97,7 +95,7 @@ def replan_from_manifest(manifest: dict[str, Any], where: str) -> tuple[Plan, Mo
     except Malformed as bad:
         raise VerifyError(f"{where}: {bad}") from bad
     try:
-        spec, settings = read_model(config, f"{where}: model.config")
+        spec, settings = read_model(config, f"{where}: model.config", by_transformers=True)
         return plan_conversion(spec, headers, mapping, options), settings
     except MoeConvertError as e:
         raise VerifyError(f"{where}: its model and mapping cannot be planned: {e}") from e

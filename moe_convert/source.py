@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,7 @@ from .bounded_json import MAX_JSON_BYTES, read_json
 from .errors import CheckpointError, ConfigError, MoeConvertError
 from .files import kind_of
 from .header import TensorInfo, read_header
-from .model_config import ModelSettings, ModelSpec, read_model, read_sizes
-from .pending_settings import PendingSettings
+from .model_config import ModelSettings, ModelSpec, read_model
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +27,11 @@ class SourceCheckpoint:
 
     model_dir: Path
     spec: ModelSpec
-    pending_settings: PendingSettings = field(repr=False, compare=False)
+    settings: ModelSettings
     tensors: dict[str, TensorInfo]
     files: tuple[Path, ...]  # the shards, in index order
     hub_id: str | None = None  # set when --model_dir was a hub repo id
     revision: str | None = None  # the hub commit hash it resolved to
-
-    @property
-    def settings(self) -> ModelSettings:
-        """Step (b) of config.json (through transformers): waits for it if it is still being read."""
-        return self.pending_settings.result()
 
     def file_sizes(self) -> dict[str, int]:
         return {f.name: f.stat().st_size for f in self.files}
@@ -60,16 +54,14 @@ def check_within(model_dir: Path, path: Path, error: type[MoeConvertError]) -> N
         raise error(f"{path}: resolves to {real}, outside the model directory (a symlink?); refusing it")
 
 
-def read_config(model_dir: Path) -> tuple[ModelSpec, PendingSettings]:
-    """Read config.json: the sizes per the family's rules now; the settings through transformers when
-    the second value is started or asked for its result."""
+def read_config(model_dir: Path) -> tuple[ModelSpec, ModelSettings]:
+    """Read config.json: the sizes per the family's rules, then the settings (model_config.py: from the JSON,
+    or through transformers where it must decide)."""
     path = model_dir / "config.json"
     if not path.exists():  # a FIFO or a directory there: load_json_file says what it is
         raise ConfigError(f"{path}: not found; --model_dir must hold a Hugging Face config.json")
     check_within(model_dir, path, ConfigError)
-    raw = load_config_json(path)
-    spec = read_sizes(raw, str(path))
-    return spec, PendingSettings(raw, spec, str(path))
+    return read_model(load_config_json(path), str(path))
 
 
 def load_config_json(path: Path) -> dict[str, Any]:
@@ -159,20 +151,13 @@ def shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise CheckpointError(f"{model_dir}: no {INDEX_FILE} and no {SINGLE_FILE}{found}; nothing to convert")
 
 
-def open_source(model_dir: Path, *, settings_later: bool = False) -> SourceCheckpoint:
-    """Read config and every shard header; no tensor data is read.
-
-    The settings of config.json (step (b), through transformers: seconds to import) are read before this
-    returns, or with `settings_later` when `pending_settings.start()` (in the background) or `settings`
-    asks for them: a conversion plans and writes meanwhile.
-    """
+def open_source(model_dir: Path) -> SourceCheckpoint:
+    """Read config and every shard header; no tensor data is read."""
     if not model_dir.exists():
         raise ConfigError(f"{model_dir}: --model_dir does not exist")
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: --model_dir is not a directory")
     spec, settings = read_config(model_dir)
-    if not settings_later:
-        settings.result()
     files, weight_map = shard_files(model_dir)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -195,6 +180,4 @@ def open_source(model_dir: Path, *, settings_later: bool = False) -> SourceCheck
                 + ", ".join(problems[:10])
                 + (f" and {len(problems) - 10} more" if len(problems) > 10 else "")
             )
-    return SourceCheckpoint(
-        model_dir=model_dir, spec=spec, pending_settings=settings, tensors=tensors, files=tuple(files)
-    )
+    return SourceCheckpoint(model_dir=model_dir, spec=spec, settings=settings, tensors=tensors, files=tuple(files))

@@ -20,6 +20,7 @@ from .errors import MoeConvertError, VerifyError, collect
 from .execute import DEFAULT_CHUNK_BYTES
 from .fields import Malformed, as_dict, show
 from .manifest import MANIFEST_FILE, parse_options, parse_ranks, read_manifest
+from .model_config import settings_by_transformers
 from .outdir import writer_pid
 from .plan import Plan
 from .replan import open_model, plan_source
@@ -192,5 +193,10 @@ def _against_source(
             f"{MANIFEST_FILE}: the source files recorded ({show(recorded, 200)}) differ from "
             f"{source.model_dir}'s ({show(now, 200)}); is this the source it was converted from?"
         )
-    compare_with_plan(manifest, config, plan, source.settings, "the source and options give", found)
+    try:  # through transformers, whatever the conversion read them with: the cross-check of model_config.py's
+        settings = settings_by_transformers(source.spec.config, source.spec, str(source.model_dir / "config.json"))
+    except MoeConvertError as e:
+        found.problem(str(e))
+        return plan
+    compare_with_plan(manifest, config, plan, settings, "the source and options give", found)
     return plan

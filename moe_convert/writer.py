@@ -283,9 +283,8 @@ class RankFileWriter:
             self._ahead[offset] = (offset + copied, False)
         return copied
 
-    def finish(self, before_rename: Callable[[], object] = lambda: None) -> str:
-        """Write the last block, flush, give the file its final name (after `before_rename`, which may
-        raise to stop it); returns its sha256."""
+    def finish(self) -> str:
+        """Write the last block, flush, give the file its final name; returns its sha256."""
         if self.front != self.layout.size or self._ahead:
             raise OutputError(
                 f"{self.partial}: only {self.front} of {self.layout.size} bytes were written; this is a bug in the plan"
@@ -303,7 +302,6 @@ class RankFileWriter:
             profiling.current.add("fsync", t0)
             os.close(self.fd)
             self.fd = -1
-            before_rename()
             os.replace(self.partial, self.path)
         except OSError as e:
             raise _output_error(self.path, e, self.layout.size) from e

@@ -218,17 +218,19 @@ def test_written_config_json_is_strict_json(make_checkpoint: MakeCheckpoint, tmp
 
 
 def test_transformers_must_read_the_sizes_as_the_rules_do(make_checkpoint: MakeCheckpoint) -> None:
-    """Step (b) cross-checks step (a): a size transformers' class reads differently is refused, named."""
+    """Step (b) through transformers (verify's, and a conversion's where transformers decides) cross-checks
+    step (a): a size transformers' class reads differently is refused, named."""
     from dataclasses import replace
 
     from moe_convert.errors import ConfigError
-    from moe_convert.model_config import read_settings, read_sizes
+    from moe_convert.model_config import read_sizes, settings_by_transformers
 
     raw = json.loads((make_checkpoint(family="qwen3_moe") / "config.json").read_text())
     spec = read_sizes(raw, "config.json")
-    assert read_settings(raw, spec, "config.json").family == {"moe_normalization_mode": 1, "seq_length": 8192}
+    settings = settings_by_transformers(raw, spec, "config.json")
+    assert settings.family == {"moe_normalization_mode": 1, "seq_length": 8192}
     with pytest.raises(ConfigError, match=r"transformers reads num_local_experts as 8, the qwen3_moe rules as 16"):
-        read_settings(raw, replace(spec, num_experts=16), "config.json")
+        settings_by_transformers(raw, replace(spec, num_experts=16), "config.json")
 
 
 def test_reading_sizes_needs_neither_transformers_nor_torch() -> None:

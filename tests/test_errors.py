@@ -350,7 +350,13 @@ CASES = [
         lambda m, t: edit_config(m, rms_norm_eps="abc"),
         ("config.json", "rms_norm_eps", "'abc'"),
     ),
-    Case("transformers_attribute_error", lambda m, t: edit_config(m, id2label=5), ("config.json", "transformers")),
+    # A key the conversion does not read (tests/test_settings.py: verify finds it) left to transformers,
+    # because a setting is missing too (its default is transformers' to give).
+    Case(
+        "transformers_attribute_error",
+        lambda m, t: edit_config(m, id2label=5, rms_norm_eps=...),
+        ("config.json", "transformers"),
+    ),
     Case(
         "rope_parameters_not_an_object",
         lambda m, t: edit_config(m, rope_parameters="abc"),
