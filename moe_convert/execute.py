@@ -4,7 +4,7 @@ The main thread walks the source tensors in the order the rank files need them (
 front, see writer.py) and hands the work to the files' lanes (write threads): a piece that is a plain
 byte range of the source is read by the lane straight into the file's staging buffer; the others are
 read by the main thread in chunks of at most `chunk_bytes` into one of two reused buffers, and the
-lanes slice (numpy, on the elements' raw bits) and cast (see _Casts) their pieces from it a few MB at a
+lanes slice and cast their pieces (numpy, on the elements' raw bits: casts.py) from it a few MB at a
 time. A piece of a weight-only quantized weight is cast to the model dtype the same way and handed to the
 weight's QuantizedOutput (quantize_stream.py), which quantizes whole row groups on the lane and writes
 their bytes, and at the end the scales. Memory stays bounded whatever the model size.
@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from . import profiling, writer
-from .header import TensorInfo, itemsize, torch_dtype
+from .casts import Cast, cast_function
+from .header import TensorInfo, itemsize
 from .plan import Box, Plan, PlannedTensor, RankPlan
 from .quantize_stream import QuantizedOutput
 from .reading import BITS, chunk_boxes, contiguous_run
@@ -115,7 +115,7 @@ class _Context:
     reader: _SourceReader
     lanes: WriteThreads
     buffers: _ReadBuffers
-    casts: _Casts
+    torch_threads: _TorchThreads
     on_bytes: Callable[[int], None]  # thread-safe
 
 
@@ -144,8 +144,9 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
         done = ctx.buffers.lend(buf, len(users))
         for t, sub in users:
             view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
-            cast = ctx.casts.get(info.dtype, t.dtype)
+            cast = cast_function(info.dtype, t.dtype)
             if t.quantized is not None:
+                ctx.torch_threads.one()
                 first = t.first + _element_offset(sub, t.box)
                 job = functools.partial(_write_quantized, ctx, view, t, first, cast)
             else:
@@ -166,53 +167,28 @@ def _block(item: int) -> np.ndarray:
     return buffers[item]
 
 
-Cast = Callable[[np.ndarray, np.ndarray], None]
-
-
-class _Casts:
-    """Functions that copy raw source elements into raw target elements of the same shape.
-
-    Same dtype: numpy copies the bits, and bf16 -> float32 (the router) is a bit shift: no torch needed.
-    Other conversions: torch casts, with one thread of its own for the conversion, since the lanes already
-    run in parallel: with torch's default threads on top, 4 MB casts took 6-10x longer and column-slice
-    copies 18x longer on 2 cores (measured).
-    """
+class _TorchThreads:
+    """Weight-only quantization runs torch on the lanes, which already run in parallel: torch gets one thread
+    per op for the conversion, restored after (with its default threads on top, 4 MB torch casts took 6-10x
+    longer on 2 cores, measured). Nothing else in a conversion imports torch."""
 
     def __init__(self) -> None:
-        self.restore_threads = 0
+        self.restore = 0
 
-    def get(self, source: str, target: str) -> Cast:
-        if source == target:
-            return functools.partial(np.copyto, casting="no")
-        if (source, target) == ("BF16", "F32"):  # the usual router: bf16 is the top half of a float32
-            return _widen_bf16
-        torch = self.torch()  # only other conversions between dtypes need it
-        src, dst = torch_dtype(source), torch_dtype(target)
-
-        def cast(out: np.ndarray, part: np.ndarray) -> None:
-            torch.from_numpy(out).view(dst).copy_(torch.from_numpy(part).view(src))
-
-        return cast
-
-    def torch(self) -> Any:
-        """torch, with one thread per op (for casts and quantization on the lanes, which run in parallel)."""
-        import torch
-
-        if not self.restore_threads:
-            self.restore_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        return torch
-
-    def close(self) -> None:
-        if self.restore_threads:
+    def one(self) -> None:
+        """Called by the main thread before it hands a lane quantization work."""
+        if not self.restore:
             import torch
 
-            torch.set_num_threads(self.restore_threads)
-            self.restore_threads = 0
+            self.restore = torch.get_num_threads()
+            torch.set_num_threads(1)
 
+    def close(self) -> None:
+        if self.restore:
+            import torch
 
-def _widen_bf16(out: np.ndarray, part: np.ndarray) -> None:
-    np.left_shift(part.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+            torch.set_num_threads(self.restore)
+            self.restore = 0
 
 
 def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast: Cast) -> None:
@@ -236,7 +212,6 @@ def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, ca
     q = t.quantized
     assert q is not None
     item = itemsize(t.dtype)
-    ctx.casts.torch()
     whole = tuple((0, d) for d in view.shape)
     out = _block(item)
     # Blocks of whole row groups where the view allows, so rows are seldom held back for the next block.
@@ -298,7 +273,7 @@ def execute_plans(
     io = ThreadPoolExecutor(n_io, thread_name_prefix="moe-convert-io") if n_io else None
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
-    casts = _Casts()
+    torch_threads = _TorchThreads()
     try:
         by_source: dict[str, list[_Target]] = {}
         made = 0
@@ -327,7 +302,7 @@ def execute_plans(
             with lock:
                 on_bytes(n)
 
-        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS), casts, counted)
+        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS), torch_threads, counted)
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
             _scatter(ctx, tensors[n], by_source[n])
@@ -351,7 +326,7 @@ def execute_plans(
                     (job.output_dir / (r.file + PARTIAL_SUFFIX)).unlink(missing_ok=True)
         raise
     finally:
-        casts.close()  # the lanes have stopped
+        torch_threads.close()  # the lanes have stopped
         if io is not None:
             io.shutdown()
         if reader is not None:

@@ -12,7 +12,6 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +19,6 @@ from .errors import CheckpointError
 from .header import TensorInfo
 from .plan import Box
 from .writer import RankFileWriter
-
-if TYPE_CHECKING:
-    import torch
 
 # Elements as raw bits: slicing and gathering need only the element size, never the dtype's meaning.
 BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -92,12 +88,6 @@ class SourceReader:
         self.stats = {f: os.fstat(fd) for f, fd in self.fds.items()}
         self.chunk_bytes = chunk_bytes
         self.local = threading.local()
-
-    def read(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> torch.Tensor:
-        """The chunk as a tensor, read into `into` (at least the chunk's size) or else this thread's buffer."""
-        import torch
-
-        return torch.from_numpy(self.read_bits(info, chunk, into)).view(info.torch_dtype)
 
     def read_bits(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> np.ndarray:
         """The chunk's elements as raw bits (a signed integer of the element's size), in `into` or else

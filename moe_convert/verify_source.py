@@ -13,23 +13,24 @@ import hashlib
 import math
 from typing import Any
 
-import torch
+import numpy as np
 
+from .casts import cast_function
 from .fields import show
-from .header import DTYPES, itemsize
+from .header import itemsize
 from .manifest import ManifestRank, ManifestTensor
 from .plan import Box, Piece
 from .quantize_stream import DigestSink, QuantizedOutput
-from .reading import SourceReader, chunk_boxes, element_offset, intersect
+from .reading import BITS, SourceReader, chunk_boxes, element_offset, intersect
 from .source import SourceCheckpoint
 from .verify_files import FileDigests
 from .verify_findings import Findings, PieceKey
 from .weight_only import QuantizedTensor
 
-# Per source tensor: each piece's key, box, the dtype it is cast to, and for a quantized weight's piece its
-# rows as a tensor of their own, and the key of its scales' digest.
-Work = dict[str, list[tuple[PieceKey, Box, torch.dtype, "tuple[QuantizedTensor, PieceKey] | None"]]]
-_BITS = {2: torch.int16, 4: torch.int32}  # a model dtype's raw bits, as QuantizedOutput takes them
+# Per source tensor: each piece's key, box, the dtype it is cast to (a safetensors code; the converter's
+# own casts, casts.py, proven against torch's by tests/test_casts.py), and for a quantized weight's piece
+# its rows as a tensor of their own, and the key of its scales' digest.
+Work = dict[str, list[tuple[PieceKey, Box, str, "tuple[QuantizedTensor, PieceKey] | None"]]]
 _MAX_COVER_CELLS = 2**24  # the coverage grid of one source tensor; a real manifest needs a few thousand
 
 
@@ -51,7 +52,7 @@ def source_work(ranks: list[ManifestRank], source: SourceCheckpoint, found: Find
                     )
                 elif t.quantized is None or _whole_groups(t, p):  # else a structure problem, reported there
                     key = (r.index, t.name, i)
-                    work.setdefault(p.source, []).append((key, p.box, DTYPES[t.piece_dtype], _rows_of(r, t, i, p)))
+                    work.setdefault(p.source, []).append((key, p.box, t.piece_dtype, _rows_of(r, t, i, p)))
     for name, targets in work.items():
         covered = _covers(source.tensors[name].shape, [box for _, box, _, _ in targets])
         if covered is None:
@@ -89,24 +90,27 @@ def hash_source(source: SourceCheckpoint, work: Work, chunk_bytes: int, found: F
     try:
         for name in order:
             info = source.tensors[name]
-            for chunk in chunk_boxes(info.shape, info.torch_dtype.itemsize, chunk_bytes):
+            for chunk in chunk_boxes(info.shape, info.itemsize, chunk_bytes):
                 users = [(key, box, sub, dt, q) for key, box, dt, q in work[name] if (sub := intersect(chunk, box))]
                 if not users:
                     continue
-                data = reader.read(info, chunk)
-                found.read_bytes(data.numel() * info.torch_dtype.itemsize, source=True)
+                data = reader.read_bits(info, chunk)
+                found.read_bytes(data.size * info.itemsize, source=True)
                 for key, box, sub, dt, q in users:
                     local = tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))
-                    piece = data[local].to(dt).contiguous().reshape(-1)
+                    part = data[local]
+                    cast = np.empty(part.shape, BITS[itemsize(dt)])
+                    cast_function(info.dtype, dt)(cast, part)
+                    piece = cast.reshape(-1)
                     if q is None:
-                        hashes.setdefault(key, hashlib.sha256()).update(piece.view(torch.uint8).numpy())
+                        hashes.setdefault(key, hashlib.sha256()).update(piece.view(np.uint8))
                         continue
                     # a piece's parts come in its row-major order: its stored bytes come front to back
                     rows, _ = q
                     out, sink = quantizing.setdefault(
                         key, (QuantizedOutput(rows, 0, rows.weight_nbytes), DigestSink(rows.weight_nbytes))
                     )
-                    out.add(element_offset(sub, box), piece.view(_BITS[dt.itemsize]).numpy(), sink)
+                    out.add(element_offset(sub, box), piece, sink)
             for key, _, _, q in work[name]:  # the source tensor is done: so are its quantized pieces
                 if q is not None and key in quantizing:
                     _, sink = quantizing.pop(key)
@@ -173,7 +177,7 @@ def _covers(shape: tuple[int, ...], boxes: list[Box]) -> bool | None:
     edges = [sorted({0, d, *(x for b in boxes for x in b[i])}) for i, d in enumerate(shape)]
     if math.prod(len(e) - 1 for e in edges) > _MAX_COVER_CELLS:
         return None
-    covered = torch.zeros([len(e) - 1 for e in edges], dtype=torch.bool)
+    covered = np.zeros([len(e) - 1 for e in edges], dtype=bool)
     index = [{x: k for k, x in enumerate(e)} for e in edges]
     for b in boxes:
         covered[tuple(slice(ix[lo], ix[hi]) for ix, (lo, hi) in zip(index, b, strict=True))] = True

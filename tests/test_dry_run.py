@@ -125,7 +125,6 @@ def _forbid(monkeypatch: pytest.MonkeyPatch) -> None:
     import moe_convert.writer as writer_module
 
     monkeypatch.setattr(reading_module.SourceReader, "__init__", boom)
-    monkeypatch.setattr(reading_module.SourceReader, "read", boom)
     monkeypatch.setattr(reading_module.SourceReader, "read_bits", boom)
     monkeypatch.setattr(reading_module.os, "preadv", boom)
     monkeypatch.setattr(execute_module, "execute_plans", boom)

@@ -1,8 +1,8 @@
 """A conversion's start: nothing heavy before the first rank file, and nothing heavy at all where not needed.
 
-config.json's settings are read from the JSON where it states them plainly (model_config.py): a conversion
-imports no transformers unless transformers must decide a setting (read synchronously, before anything is
-written); torch only where it casts or quantizes. These
+config.json's settings are read from the JSON where it states them plainly (model_config.py), and every
+cast is numpy's (casts.py): a conversion imports neither transformers nor torch, unless transformers must
+decide a setting (read synchronously, before anything is written) or weights are quantized (torch). These
 tests prove it in a fresh interpreter, and that a config transformers rejects still fails in one line,
 leaving nothing.
 """
@@ -85,14 +85,17 @@ def edited_copy(model: Path, tmp_path: Path, **changes: Any) -> Path:
     ("model_args", "args"),
     [
         ({"dtype": "bfloat16"}, ()),  # byte ranges, numpy gathers, the router widened by a bit shift
-        ({"dtype": "bfloat16", "transformers4_config": True}, ()),
+        ({}, ()),  # the tiny example's default: float32 -> float16
+        ({}, ("--dtype", "bfloat16")),
+        ({"dtype": "bfloat16"}, ("--dtype", "float16")),
+        ({"dtype": "float16", "transformers4_config": True}, ("--dtype", "float32")),
     ],
-    ids=["bf16", "bf16_t4_keys"],
+    ids=["bf16", "default_cast_f32_to_f16", "f32_to_bf16", "bf16_to_f16", "f16_to_f32_t4_keys"],
 )
 def test_conversion_imports_neither_torch_nor_transformers(
     make_checkpoint: MakeCheckpoint, tmp_path: Path, model_args: dict[str, Any], args: tuple[str, ...]
 ) -> None:
-    """Settings from the JSON: neither module at any point; the same files as in-process."""
+    """Settings from the JSON, casts by numpy: neither module at any point; the same files as in-process."""
     model = make_checkpoint(**model_args)
     report, done = probe_convert(model, tmp_path / "out", "--tp_size", "2", "--quiet", *args)
     assert report["exit"] == 0, done.stderr
@@ -108,7 +111,7 @@ def test_weight_only_conversion_imports_torch(make_checkpoint: MakeCheckpoint, t
     args = ("--tp_size", "2", "--quiet", "--use_weight_only", "--weight_only_precision", "int8")
     report, done = probe_convert(model, tmp_path / "out", *args, "--weight_only_arch", "80")
     assert report["exit"] == 0, done.stderr
-    assert report["at_exit"] == ["torch"]  # no transformers
+    assert report["at_exit"] == ["torch"]
 
 
 def test_settings_transformers_decides_are_read_before_writing(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:
