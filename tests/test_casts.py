@@ -142,7 +142,8 @@ def test_float32_halfway_and_neighbours(target: str, sign: int, exponent: int, m
 EXHAUSTIVE = os.environ.get("MOE_CONVERT_EXHAUSTIVE_CASTS")
 # Every float32 pattern whose top byte (sign and high exponent bits) is one of these, 2**24 each: zero,
 # float32's subnormals and smallest normals (+ and -), float16's smallest subnormal (2**-24), 1.0, float16's
-# largest finite and its overflow, float32's largest finite (bfloat16 rounds it to inf), inf and NaN (+ and -). MOE_CONVERT_EXHAUSTIVE_CASTS=1: all 256 top bytes, all 2**32 patterns (minutes).
+# largest finite and its overflow, float32's largest finite (bfloat16 rounds it to inf), inf and NaN (+ and -).
+# MOE_CONVERT_EXHAUSTIVE_CASTS=1: all 256 top bytes, all 2**32 patterns (minutes).
 TOP_BYTES = range(256) if EXHAUSTIVE else [0x00, 0x33, 0x3F, 0x47, 0x7F, 0x80, 0xFF]
 
 
