@@ -17,7 +17,7 @@ from typing import Any
 from . import writer
 from .config_only import PlanInput, open_for_plan
 from .errors import CheckpointError, MappingError, UsageError
-from .execute import CAST_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, read_buffer_shape
+from .execute import CAST_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, READ_BUFFERS
 from .header import itemsize
 from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
@@ -305,8 +305,7 @@ def _rows_bytes(t: PlannedTensor) -> int:
 def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:
     """Peak host memory of a conversion, from how the executor works (execute.py, writer.py).
 
-    The main thread reads chunks of at most `chunk_bytes` into one of READ_BUFFERS (2) reused buffers (when
-    quantizing: one per write thread, of 2 * chunk_bytes / write_threads, the same memory);
+    The main thread reads chunks of at most `chunk_bytes` into one of READ_BUFFERS (2) reused buffers;
     each write thread slices and casts its pieces from them a block (4 MiB of output) at a time; every
     rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
     hosts) or 8 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
@@ -323,14 +322,13 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     staging = n_files * writer.DEPTH * staging_buffer_bytes(n_files)
     scales = [t.nbytes for plan in plans for r in plan.ranks for t in r.tensors if t.quantized and not t.pieces]
     quantize = (threads * QUANTIZE_LANE_BYTES + n_files * 2 * max(scales)) if scales else 0
-    read_buffers, read_bytes = read_buffer_shape(chunk_bytes, threads, bool(scales))
-    bound = BASE_MEMORY_BYTES + read_buffers * read_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
+    bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
     return {
         "bound_bytes": bound,
         "base_bytes": BASE_MEMORY_BYTES,
         "workers": threads,
-        "chunk_bytes": read_bytes,
-        "read_buffers": read_buffers,
+        "chunk_bytes": chunk_bytes,
+        "read_buffers": READ_BUFFERS,
         "cast_block_bytes": CAST_BLOCK_BYTES,
         "staging_bytes": staging,
         "quantize_bytes": quantize,

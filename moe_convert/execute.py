@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +119,9 @@ class _Context:
     on_bytes: Callable[[int], None]  # thread-safe
 
 
-_Users = list[tuple[_Target, Box]]
-
-
-def _pieces_to_read(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> list[tuple[Box, _Users]]:
-    """Hand one source tensor's plain byte ranges to their lanes; return the chunks that must be read first
-    (to slice, cast or quantize), each with the pieces cut from it, in the order those pieces land."""
+def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
+    """Hand every piece of one source tensor to its rank file's lane, each file's pieces in file order."""
+    item = info.itemsize
     to_read = []
     for t in sorted(targets, key=lambda t: t.offset):
         if t.quantized is None and t.dtype == info.dtype and contiguous_run(t.box, info.shape):
@@ -134,75 +129,30 @@ def _pieces_to_read(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> 
         else:
             to_read.append(t)
     chunks = []
-    for chunk in chunk_boxes(info.shape, info.itemsize, ctx.reader.chunk_bytes):
+    for chunk in chunk_boxes(info.shape, item, ctx.reader.chunk_bytes):
         users = [(t, sub) for t in to_read if (sub := _intersect(chunk, t.box)) is not None]
         if users:
             chunks.append((chunk, users))
     # Chunks in the order their pieces land (usually file order; not for a fused gate_up source, whose
     # gate half comes first in the source but second in mlp.fc), so files keep filling from the front.
     chunks.sort(key=lambda c: min(t.position(sub) for t, sub in c[1]))
-    return chunks
-
-
-def _read_and_hand(ctx: _Context, info: TensorInfo, chunk: Box, users: _Users) -> None:
-    """Read one chunk into a free buffer and hand each piece cut from it to its rank file's lane."""
-    buf = ctx.buffers.take(ctx.reader.byte_range(info, chunk)[1])
-    t0 = profiling.clock()
-    data = ctx.reader.read_bits(info, chunk, into=buf)
-    profiling.current.add("chunk_read", t0, data.size * info.itemsize)
-    done = ctx.buffers.lend(buf, len(users))
-    for t, sub in users:
-        view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
-        cast = cast_function(info.dtype, t.dtype)
-        if t.quantized is not None:
-            ctx.torch_threads.one()
-            first = t.first + _element_offset(sub, t.box)
-            job = functools.partial(_write_quantized, ctx, view, t, first, cast)
-        else:
-            offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
-            job = functools.partial(_write_piece, ctx, view, t, offset, cast)
-        ctx.lanes.submit(t.writer.lane, job, done)
-
-
-def _scatter(ctx: _Context, window: list[tuple[TensorInfo, list[_Target]]]) -> None:
-    """Hand every piece of a window of source tensors (see _windows) to the rank files' lanes, reading their
-    chunks round-robin: one chunk of each tensor in turn, so that as many lanes cut, cast or quantize at once
-    as there are read buffers. Tensor by tensor, each buffer would hold the next chunk of the same tensor,
-    for the same lane (expert parallelism gives each expert to one rank file), and the other lanes wait."""
-    pending = [[(info, *c) for c in _pieces_to_read(ctx, info, targets)] for info, targets in window]
-    for turn in itertools.zip_longest(*pending):
-        for item in turn:
-            if item is not None:
-                _read_and_hand(ctx, *item)
-
-
-def _windows(order: list[str], by_source: dict[str, list[_Target]], limit: int) -> Iterator[list[str]]:
-    """Consecutive source tensors (in write order) whose pieces go to pairwise different lanes, at most
-    `limit` of them: reading their chunks interleaved keeps every lane's pieces in its files' order."""
-    window: list[str] = []
-    used: set[int] = set()
-    for name in order:
-        lanes = {t.writer.lane for t in by_source[name]}
-        if window and (len(window) >= limit or lanes & used):
-            yield window
-            window, used = [], set()
-        window.append(name)
-        used |= lanes
-    if window:
-        yield window
-
-
-def read_buffer_shape(chunk_bytes: int, write_threads: int, quantizing: bool) -> tuple[int, int]:
-    """(count, bytes) of the main thread's chunk buffers. Quantizing is CPU work on the lanes: one buffer per
-    lane that a core can run, so that many lanes quantize at once, in the same total memory (READ_BUFFERS x
-    chunk_bytes); chunks of at least 1 MiB (tests with tiny chunks keep two). More lanes than cores
-    quantizing at once was slower (2-core VM: 8 buffers, tp8/moe_ep8 int8 9.5 s against 8.0 s)."""
-    count = min(write_threads, os.cpu_count() or 1)
-    if quantizing and count > READ_BUFFERS:
-        size = READ_BUFFERS * chunk_bytes // count
-        if size >= 2**20:
-            return count, size
-    return READ_BUFFERS, chunk_bytes
+    for chunk, users in chunks:
+        buf = ctx.buffers.take(ctx.reader.byte_range(info, chunk)[1])
+        t0 = profiling.clock()
+        data = ctx.reader.read_bits(info, chunk, into=buf)
+        profiling.current.add("chunk_read", t0, data.size * item)
+        done = ctx.buffers.lend(buf, len(users))
+        for t, sub in users:
+            view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
+            cast = cast_function(info.dtype, t.dtype)
+            if t.quantized is not None:
+                ctx.torch_threads.one()
+                first = t.first + _element_offset(sub, t.box)
+                job = functools.partial(_write_quantized, ctx, view, t, first, cast)
+            else:
+                offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
+                job = functools.partial(_write_piece, ctx, view, t, offset, cast)
+            ctx.lanes.submit(t.writer.lane, job, done)
 
 
 _lane_local = threading.local()
@@ -345,8 +295,6 @@ def execute_plans(
                     for target, source in _targets(w, t, r.coords.pp_rank):
                         by_source.setdefault(source, []).append(target)
         order = _write_order(by_source, tensors)
-        quantizing = any(t.quantized is not None for ts in by_source.values() for t in ts)
-        n_buffers, chunk_bytes = read_buffer_shape(chunk_bytes, lanes.count, quantizing)
         reader = _SourceReader(sorted({tensors[n].file for n in order}), chunk_bytes)
         lock = threading.Lock()
 
@@ -354,12 +302,11 @@ def execute_plans(
             with lock:
                 on_bytes(n)
 
-        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, n_buffers), torch_threads, counted)
+        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS), torch_threads, counted)
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
-        for window in _windows(order, by_source, lanes.count):
-            _scatter(ctx, [(tensors[n], by_source[n]) for n in window])
-            for n in window:
-                commit_when_done(by_source[n])
+        for n in order:
+            _scatter(ctx, tensors[n], by_source[n])
+            commit_when_done(by_source[n])
         for ws in writers:  # writers no source tensor feeds (none in practice) are committed here
             for w in ws:
                 commit_when_done.commit(w)

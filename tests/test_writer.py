@@ -272,61 +272,6 @@ def test_any_tensor_order_gives_the_same_rank_files(
     assert rank_files(tmp_path / "other") == rank_files(tmp_path / "usual")
 
 
-# Wide enough for TensorRT-LLM's weight-only kernels (tests/test_weight_only_convert.py's WIDE_MIXTRAL).
-WIDE = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_local_experts": 8, "max_shard_size": "2MB"}  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"tp_size": 8, "moe_ep_size": 8, "dtype": "float16"},
-        {"tp_size": 4, "moe_tp_size": 2, "moe_ep_size": 2, "use_weight_only": True},
-        {"tp_size": 8, "moe_ep_size": 8, "use_weight_only": True, "weight_only_precision": "int4"},
-    ],
-    ids=["tp8_moeep8_f16", "tp4_moetp2_moeep2_int8", "tp8_moeep8_int4"],
-)
-def test_interleaved_chunks_give_the_same_rank_files_as_one_tensor_at_a_time(
-    make_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any]
-) -> None:
-    """Reading the chunks of several tensors in turn (execute._windows) only decides speed, also with chunks
-    so small that every tensor has several and quantized row groups are cut at chunk edges."""
-    src = make_checkpoint(**WIDE)
-    kwargs = {"weight_only_arch": 80, **kwargs, "chunk_bytes": 12288}
-    convert(src, tmp_path / "interleaved", **kwargs)
-    monkeypatch.setattr(execute, "_windows", lambda order, by_source, limit: ([n] for n in order))
-    convert(src, tmp_path / "one_by_one", **kwargs)
-    assert rank_files(tmp_path / "interleaved") == rank_files(tmp_path / "one_by_one")
-
-
-@given(st.lists(st.frozensets(st.integers(0, 7), min_size=1, max_size=3), max_size=30), st.integers(1, 8))
-def test_windows_keep_the_order_and_never_share_a_lane(lane_sets: list[frozenset[int]], limit: int) -> None:
-    class Target:
-        def __init__(self, lane: int) -> None:
-            self.writer = type("W", (), {"lane": lane})()
-
-    order = [f"t{i}" for i in range(len(lane_sets))]
-    by_source: dict[str, Any] = {n: [Target(lane) for lane in lanes] for n, lanes in zip(order, lane_sets, strict=True)}
-    windows = list(execute._windows(order, by_source, limit))
-    assert [n for w in windows for n in w] == order
-    for w in windows:
-        assert 1 <= len(w) <= limit
-        lanes = [lane for n in w for lane in {t.writer.lane for t in by_source[n]}]
-        assert len(lanes) == len(set(lanes))
-
-
-def test_quantizing_spreads_the_same_read_memory_over_one_buffer_per_lane(monkeypatch: pytest.MonkeyPatch) -> None:
-    chunk = execute.DEFAULT_CHUNK_BYTES
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert execute.read_buffer_shape(chunk, 8, quantizing=False) == (execute.READ_BUFFERS, chunk)
-    count, size = execute.read_buffer_shape(chunk, 8, quantizing=True)
-    assert count == 8 and count * size == execute.READ_BUFFERS * chunk
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # no more buffers than cores
-    assert execute.read_buffer_shape(chunk, 8, quantizing=True) == (execute.READ_BUFFERS, chunk)
-    assert execute.read_buffer_shape(chunk, 2, quantizing=True) == (execute.READ_BUFFERS, chunk)
-    assert execute.read_buffer_shape(4096, 8, quantizing=True) == (execute.READ_BUFFERS, 4096)  # tiny chunks
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
