@@ -19,7 +19,7 @@ from typing import Any
 from .errors import MoeConvertError, VerifyError, collect
 from .execute import DEFAULT_CHUNK_BYTES
 from .fields import Malformed, as_dict, show
-from .manifest import MANIFEST_FILE, parse_options, parse_ranks, read_manifest
+from .manifest import MANIFEST_FILE, model_record, parse_options, parse_ranks, read_manifest
 from .model_config import settings_by_transformers
 from .outdir import writer_pid
 from .plan import Plan
@@ -132,7 +132,10 @@ def _run(
         except MoeConvertError as e:
             found.problem(f"cannot open the source: {e}")
             return
-        plan = _against_source(manifest, config, source, found)
+        plan, same_model = _against_source(manifest, config, source, found)
+        if not same_model:  # its bytes cannot be compared: check the output on its own, as without a source
+            source = None
+            plan = rederive(manifest, config, found)
     check_structure(manifest, ranks, config, plan, found)
     check_stray_files(out, ranks, found)
     work = source_work(ranks, source, found) if source is not None else {}
@@ -166,14 +169,24 @@ def _run(
 
 def _against_source(
     manifest: dict[str, Any], config: dict[str, Any] | None, source: SourceCheckpoint, found: Findings
-) -> Plan | None:
-    """Re-plan from the source with the manifest's mapping and options: the manifest must be that plan."""
+) -> tuple[Plan | None, bool]:
+    """Re-plan from the source with the manifest's mapping and options: the manifest must be that plan.
+    Also says whether the source is the model the manifest records (its tensors' names, dtypes and shapes):
+    a source of another shape cannot be compared byte by byte, and would only bury the one finding that
+    matters under hundreds of consequences."""
     mapping = as_dict(manifest.get("mapping"))
     try:
         options = parse_options(manifest.get("options"))
     except Malformed as bad:
         found.problem(f"{MANIFEST_FILE}: {bad}")
-        return None
+        return None, True
+    recorded = as_dict(manifest.get("source")).get("files")
+    now = [{"name": name, "bytes": size} for name, size in source.file_sizes().items()]
+    if recorded != now:
+        found.problem(
+            f"{MANIFEST_FILE}: the source files recorded ({show(recorded, 200)}) differ from "
+            f"{source.model_dir}'s ({show(now, 200)}); is this the source it was converted from?"
+        )
     try:
         plan = plan_source(
             source,
@@ -185,18 +198,30 @@ def _against_source(
         )
     except MoeConvertError as e:
         found.problem(f"cannot re-plan from the source with the manifest's mapping and options: {e}")
-        return None
-    recorded = as_dict(manifest.get("source")).get("files")
-    now = [{"name": name, "bytes": size} for name, size in source.file_sizes().items()]
-    if recorded != now:
-        found.problem(
-            f"{MANIFEST_FILE}: the source files recorded ({show(recorded, 200)}) differ from "
-            f"{source.model_dir}'s ({show(now, 200)}); is this the source it was converted from?"
-        )
+        return None, True
+    if not _same_model(manifest, plan, source, found):
+        return None, False
     try:  # through transformers, whatever the conversion read them with: the cross-check of model_config.py's
         settings = settings_by_transformers(source.spec.config, source.spec, str(source.model_dir / "config.json"))
     except MoeConvertError as e:
         found.problem(str(e))
-        return plan
+        return plan, True
     compare_with_plan(manifest, config, plan, settings, "the source and options give", found)
-    return plan
+    return plan, True
+
+
+def _same_model(manifest: dict[str, Any], plan: Plan, source: SourceCheckpoint, found: Findings) -> bool:
+    """The source tensors the plan uses are those the manifest records as used, with their dtypes and shapes."""
+    recorded = as_dict(as_dict(manifest.get("model")).get("tensors"))
+    now = model_record(plan)["tensors"]
+    differ = sorted(n for n in recorded.keys() | now.keys() if recorded.get(n) != now.get(n))
+    if not differ:
+        return True
+    first = differ[0]
+    found.problem(
+        f"{source.model_dir} is not the model this output was converted from: the conversion would use "
+        f"{count(len(now), 'source tensor')}, {MANIFEST_FILE} records {len(recorded)}, {len(differ)} differ (first: "
+        f"{first}, recorded {show(recorded.get(first, '(none)'))}, in the source {show(now.get(first, '(none)'))}); "
+        "its bytes were not compared. Verify against the model it was converted from, or without --model_dir"
+    )
+    return False

@@ -154,6 +154,30 @@ def test_verify_against_the_wrong_source_fits_in_25_lines(make_checkpoint: MakeC
     assert len(doc["problems"]) == total and doc["ok"] is False and doc["exit_code"] == 1
 
 
+def test_verify_against_another_model_says_so_in_one_problem_and_reads_no_source_byte(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path
+) -> None:
+    """A source of other shapes (here one more layer) cannot be compared byte by byte: one problem names it,
+    the output is still checked on its own, and no source tensor is read."""
+    out = tmp_path / "o"
+    assert (
+        invoke("convert", "--model_dir", str(make_checkpoint()), "--output_dir", str(out), "--tp_size", "2").exit_code
+        == 0
+    )
+    other = make_checkpoint(num_hidden_layers=4)
+    result = invoke("verify", str(out), "--model_dir", str(other), "--json")
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == 1 and doc["source_bytes_read"] == 0, doc
+    problems = doc["problems"]
+    assert len(problems) == 2, problems  # the files differ, and so does the model
+    assert "is not the model this output was converted from" in problems[1]
+    assert "its bytes were not compared" in problems[1] and "without --model_dir" in problems[1]
+    lines = invoke("verify", str(out), "--model_dir", str(other)).stderr.splitlines()
+    assert len(lines) <= 25 and all(len(line) <= 400 for line in lines), lines
+    # The output itself is good: without the source it verifies.
+    assert invoke("verify", str(out)).exit_code == 0
+
+
 def test_problem_lines_are_grouped_and_bounded() -> None:
     problems = [f"rank{r}.safetensors: tensor 'layers.{i}.fc': bytes differ" for r in range(8) for i in range(32)]
     problems += [f"check {name}: something else" for name in "abcdefghijklmnopqrstuvwxyzABCD"]
