@@ -26,6 +26,7 @@ from .outdir import check_output_arg, overlap_problem
 from .plan import CODE_NAMES, ConvertOptions, Plan, PlannedTensor, convert_options, plan_conversion
 from .quantize_stream import LANE_BYTES as QUANTIZE_LANE_BYTES
 from .units import count, human_bytes
+from .weight_only import GATHER_INDEX_BYTES
 from .writer import staging_buffer_bytes, write_thread_count
 
 # Interpreter, numpy and the plan itself (torch too when quantizing): peak RssAnon 149 MB converting the
@@ -310,18 +311,19 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
     hosts) or 8 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
     their rank files count together. Weight-only quantization adds, per write thread, its stored-bytes
-    buffer and scratch (QUANTIZE_LANE_BYTES), and per rank file the scales of the quantized weights being
-    filled (at most two at a time: a weight's sources are read before the next weight's, except where a
-    fused gate_up source feeds two). Nothing else grows with the model. So:
+    buffer and scratch (QUANTIZE_LANE_BYTES), once the cached gather indexes (GATHER_INDEX_BYTES), and per
+    rank file the scales of the quantized weights being filled (at most two at a time: a weight's sources
+    are read before the next weight's, except where a fused gate_up source feeds two). Nothing else grows
+    with the model. So:
 
         bound = base + 2 * chunk_bytes + write_threads * (block + quantize) + rank_files * depth * staging_buffer
-                + rank_files * 2 * largest scales
+                + gather indexes + rank_files * 2 * largest scales
     """
     n_files = sum(len(plan.ranks) for plan in plans)
     threads = write_thread_count(workers, n_files)
     staging = n_files * writer.DEPTH * staging_buffer_bytes(n_files)
     scales = [t.nbytes for plan in plans for r in plan.ranks for t in r.tensors if t.quantized and not t.pieces]
-    quantize = (threads * QUANTIZE_LANE_BYTES + n_files * 2 * max(scales)) if scales else 0
+    quantize = (threads * QUANTIZE_LANE_BYTES + GATHER_INDEX_BYTES + n_files * 2 * max(scales)) if scales else 0
     bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
     return {
         "bound_bytes": bound,

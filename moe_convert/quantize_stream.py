@@ -20,12 +20,12 @@ import numpy as np
 
 from . import profiling
 from .header import itemsize, torch_dtype
-from .weight_only import QuantizedTensor
+from .weight_only import SCRATCH_BYTES, QuantizedTensor
 
 # Stored bytes a lane quantizes into at a time (reused): at most a block of model-dtype input per step.
 _OUT_BYTES = 4 * 2**20
-# What quantizing holds per lane: that buffer, and weight_only's cache-sized scratch (a few MB, rounded up).
-LANE_BYTES = _OUT_BYTES + 4 * 2**20
+# What quantizing holds per lane: that buffer, and weight_only's scratch for one step.
+LANE_BYTES = _OUT_BYTES + SCRATCH_BYTES
 _lane_local = threading.local()
 
 

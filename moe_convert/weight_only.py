@@ -45,8 +45,17 @@ SM90_LAYOUTS = {
 QUANT_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 # Rows of the planned tensor (op-input columns) whose bytes interleave: 128-byte cache line / 64-row K tile.
 _INTERLEAVE = {8: 2, 4: 4}
-# Elements a block is processed in at a time, so its temporaries (about 2 MB) stay in the CPU cache.
-_SUB_BLOCK_ELEMENTS = 1 << 17
+# Elements a block is processed in at a time: each step is one torch op over them, and between ops the
+# thread holds the GIL, so small steps serialise the write threads. 2 threads on the 2-core VM quantized
+# 0.81 GB/s of bf16 at 128K elements (1 thread: 0.69) and 1.22 GB/s at 1M (1 thread: 0.63); 2M was slower
+# (1.09): its temporaries leave the CPU cache. See docs/weight-only.md (Speed).
+_SUB_BLOCK_ELEMENTS = 1 << 20
+# Per thread, the reused temporaries of one step: x, sign and the stored-order copy in float32, and for
+# int4 the int8 values and two int16 halves: 15 bytes an element.
+SCRATCH_BYTES = 15 * _SUB_BLOCK_ELEMENTS
+# Shared by all threads: the cached gather indexes (int32, one step each, at most _GATHER_CACHE of them).
+_GATHER_CACHE = 16
+GATHER_INDEX_BYTES = _GATHER_CACHE * 4 * _SUB_BLOCK_ELEMENTS
 
 
 class Layout(enum.Enum):
@@ -366,7 +375,7 @@ def _round_half_away(x: torch.Tensor, sign: torch.Tensor, out: torch.Tensor) -> 
     return out.copy_(x)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=_GATHER_CACHE)
 def _gather_index(rows: int, k: int, bits: int, layout: Layout) -> torch.Tensor:
     """Flat source positions of a `[rows, K]` block in stored order (index_select moves elements several
     times faster than a copy through the permuted view, whose inner loop is strided)."""
