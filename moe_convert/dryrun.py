@@ -23,7 +23,7 @@ from .jobs import MappingLike, MappingRequest, as_request, check_unique_subdirs
 from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .outdir import check_output_arg, overlap_problem
-from .plan import CODE_NAMES, ConvertOptions, Plan, PlannedTensor, convert_options, plan_conversion
+from .plan import CODE_NAMES, ConvertOptions, Plan, convert_options, plan_conversion
 from .quantize_stream import LANE_BYTES as QUANTIZE_LANE_BYTES
 from .units import count, human_bytes
 from .weight_only import GATHER_INDEX_BYTES
@@ -285,7 +285,7 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
                 key = (p.source, p.box, t.dtype)
                 if key not in distinct:
                     distinct.add(key)
-                    distinct_bytes += p.numel * itemsize(t.piece_dtype) * t.nbytes // _rows_bytes(t)
+                    distinct_bytes += p.numel * itemsize(t.piece_dtype) * t.nbytes // t.pieces_nbytes
     return {
         "parameters": params,
         "source_bytes": source_bytes,
@@ -294,13 +294,6 @@ def plan_stats(plan: Plan, source: PlanInput) -> dict[str, Any]:
         "distinct_bytes": distinct_bytes,
         "config_only": source.config_only,
     }
-
-
-def _rows_bytes(t: PlannedTensor) -> int:
-    """The bytes of the rows a tensor's pieces fill: its own, or a quantized weight's model-dtype rows."""
-    if t.quantized is None:
-        return t.nbytes
-    return math.prod(t.quantized.rows_shape) * itemsize(t.quantized.rows_dtype)
 
 
 def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int) -> dict[str, Any]:

@@ -162,9 +162,7 @@ class ManifestTensor:
     @property
     def pieces_nbytes(self) -> int:
         """The bytes the pieces fill: the tensor's, or a quantized weight's rows (before quantizing)."""
-        if self.quantized is None:
-            return self.nbytes
-        return math.prod(self.quantized.rows_shape) * itemsize(self.quantized.rows_dtype)
+        return self.quantized.rows_nbytes if self.quantized else self.nbytes
 
 
 @dataclass(frozen=True)

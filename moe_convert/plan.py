@@ -71,6 +71,11 @@ class Quantization:
     def tensor(self) -> QuantizedTensor:
         return QuantizedTensor(self.weight, self.rows_shape, self.rows_dtype, self.precision, Layout(self.layout))
 
+    @property
+    def rows_nbytes(self) -> int:
+        """The bytes of the model-dtype rows the weight's pieces fill (before quantizing)."""
+        return math.prod(self.rows_shape) * itemsize(self.rows_dtype)
+
     def piece_rows(self, piece: Piece) -> tuple[int, int]:
         """The rows [r0, r1) of `rows_shape` (experts flattened) a piece of the weight fills."""
         row_bytes = self.rows_shape[-1] * itemsize(self.rows_dtype)
@@ -108,6 +113,11 @@ class PlannedTensor:
     def piece_dtype(self) -> str:
         """The dtype the pieces are cast to: the model dtype of the rows a quantized weight is made from."""
         return self.quantized.rows_dtype if self.quantized else self.dtype
+
+    @property
+    def pieces_nbytes(self) -> int:
+        """The bytes the pieces fill: the tensor's, or a quantized weight's rows (before quantizing)."""
+        return self.quantized.rows_nbytes if self.quantized else self.nbytes
 
 
 @dataclass(frozen=True)
