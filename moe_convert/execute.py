@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,19 +191,26 @@ class _TorchThreads:
             self.restore = 0
 
 
-def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast: Cast) -> None:
-    """On the lane: slice and cast `view` block by block into the rank file (row-major, as one piece)."""
-    item = itemsize(t.dtype)
+def _cast_blocks(view: np.ndarray, item: int, cast: Cast, limit: int) -> Iterator[tuple[int, np.ndarray]]:
+    """`view` gathered and cast into this lane's reused block, at most `limit` bytes of output at a time:
+    (the block's first element in `view`, row-major; its raw output elements), valid until the next one."""
     whole = tuple((0, d) for d in view.shape)
     out = _block(item)
-    for block in chunk_boxes(tuple(view.shape), item, CAST_BLOCK_BYTES):
+    for block in chunk_boxes(tuple(view.shape), item, limit):
         part = view[tuple(slice(s, e) for s, e in block)]
         n = part.size
         t0 = profiling.clock()
         cast(out[:n].reshape(part.shape), part)  # gathers the columns (and casts) in one pass
         profiling.current.add("gather_cast", t0, n * item)
-        t.writer.write(offset + _element_offset(block, whole) * item, out[:n])
-        ctx.on_bytes(n * item)
+        yield _element_offset(block, whole), out[:n]
+
+
+def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast: Cast) -> None:
+    """On the lane: slice and cast `view` block by block into the rank file (row-major, as one piece)."""
+    item = itemsize(t.dtype)
+    for start, data in _cast_blocks(view, item, cast, CAST_BLOCK_BYTES):
+        t.writer.write(offset + start * item, data)
+        ctx.on_bytes(data.size * item)
 
 
 def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast) -> None:
@@ -212,17 +219,10 @@ def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, ca
     q = t.quantized
     assert q is not None
     item = itemsize(t.dtype)
-    whole = tuple((0, d) for d in view.shape)
-    out = _block(item)
     # Blocks of whole row groups where the view allows, so rows are seldom held back for the next block.
     limit = max(1, CAST_BLOCK_BYTES // (q.group_elements * item)) * q.group_elements * item
-    for block in chunk_boxes(tuple(view.shape), item, limit):
-        part = view[tuple(slice(s, e) for s, e in block)]
-        n = part.size
-        t0 = profiling.clock()
-        cast(out[:n].reshape(part.shape), part)
-        profiling.current.add("gather_cast", t0, n * item)
-        q.add(first + _element_offset(block, whole), out[:n], t.writer)
+    for start, data in _cast_blocks(view, item, cast, limit):
+        q.add(first + start, data, t.writer)
         ctx.on_bytes(q.take_written())
 
 
