@@ -23,7 +23,7 @@ from .fields import Malformed, boolean, integer, ints, lst, obj, sha256_hex, sho
 from .header import FLOAT_CODES, ITEMSIZES, itemsize
 from .limits import MAX_EXPERTS, MAX_INDEX, MAX_LAYERS, MAX_WORLD_SIZE
 from .mapping import Mapping
-from .plan import ConvertOptions, Piece, Plan, Quantization
+from .plan import ConvertOptions, Piece, Plan, Quantization, TensorBytes
 from .weight_only import ARCHS, PRECISIONS, SM90_LAYOUTS, Layout
 from .writer import layout_rank_file
 
@@ -141,7 +141,7 @@ def read_manifest(output_dir: Path, *, accept_older: bool = False) -> dict[str, 
 
 
 @dataclass(frozen=True)
-class ManifestTensor:
+class ManifestTensor(TensorBytes):
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -149,20 +149,6 @@ class ManifestTensor:
     end: int
     pieces: tuple[Piece, ...]
     quantized: Quantization | None = None  # a weight-only weight, or its per_channel_scale
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
-
-    @property
-    def piece_dtype(self) -> str:
-        """What the pieces are cast to: the tensor's dtype, or a quantized weight's model-dtype rows."""
-        return self.quantized.rows_dtype if self.quantized else self.dtype
-
-    @property
-    def pieces_nbytes(self) -> int:
-        """The bytes the pieces fill: the tensor's, or a quantized weight's rows (before quantizing)."""
-        return self.quantized.rows_nbytes if self.quantized else self.nbytes
 
 
 @dataclass(frozen=True)

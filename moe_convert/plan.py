@@ -94,8 +94,30 @@ class Quantization:
         }
 
 
+class TensorBytes:
+    """The sizes of an output tensor, for the plan's tensors and a manifest's (manifest.ManifestTensor)."""
+
+    dtype: str  # safetensors dtype code
+    shape: tuple[int, ...]
+    quantized: Quantization | None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def piece_dtype(self) -> str:
+        """What the pieces are cast to: the tensor's dtype, or a quantized weight's model-dtype rows."""
+        return self.quantized.rows_dtype if self.quantized else self.dtype
+
+    @property
+    def pieces_nbytes(self) -> int:
+        """The bytes the pieces fill: the tensor's, or a quantized weight's rows (before quantizing)."""
+        return self.quantized.rows_nbytes if self.quantized else self.nbytes
+
+
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(TensorBytes):
     """One output tensor. Bytes no piece covers are zero (vocab padding), unless it is `quantized`: then
     its bytes are computed from its weight's pieces."""
 
@@ -104,20 +126,6 @@ class PlannedTensor:
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
     quantized: Quantization | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
-
-    @property
-    def piece_dtype(self) -> str:
-        """The dtype the pieces are cast to: the model dtype of the rows a quantized weight is made from."""
-        return self.quantized.rows_dtype if self.quantized else self.dtype
-
-    @property
-    def pieces_nbytes(self) -> int:
-        """The bytes the pieces fill: the tensor's, or a quantized weight's rows (before quantizing)."""
-        return self.quantized.rows_nbytes if self.quantized else self.nbytes
 
 
 @dataclass(frozen=True)
