@@ -22,23 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("moe_convert")
 
 SIZE_OPTIONS = ("tp_size", "pp_size", "moe_tp_size", "moe_ep_size")
-# Options a job file may set; the same names as the CLI's parameters.
-JOB_OPTIONS = (
-    "model_dir",
-    "revision",
-    "output_dir",
-    "dtype",
-    "use_parallel_embedding",
-    "embedding_sharding_dim",
-    "use_embedding_sharing",
-    "use_weight_only",
-    "weight_only_precision",
-    "weight_only_arch",
-    "weight_only_sm90_layout",
-    "workers",
-    "no_direct_io",
-    "force",
-)
 # Options that change what is planned and written (passed to every library call alike).
 PLAN_OPTIONS = (
     "dtype",
@@ -50,6 +33,8 @@ PLAN_OPTIONS = (
     "weight_only_arch",
     "weight_only_sm90_layout",
 )
+# Options a job file may set; the same names as the CLI's parameters.
+JOB_OPTIONS = ("model_dir", "revision", "output_dir", *PLAN_OPTIONS, "workers", "no_direct_io", "force")
 
 
 def _given(ctx: click.Context, name: str) -> bool:
