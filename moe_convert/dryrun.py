@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import writer
+from . import quantize_pool, writer
 from .config_only import PlanInput, open_for_plan
 from .errors import CheckpointError, MappingError, UsageError
 from .execute import CAST_BLOCK_BYTES, DEFAULT_CHUNK_BYTES, READ_BUFFERS
@@ -24,7 +24,7 @@ from .manifest import FORMAT, VERSION, build_manifest
 from .mapping import Mapping
 from .outdir import check_output_arg, overlap_problem
 from .plan import CODE_NAMES, ConvertOptions, Plan, convert_options, plan_conversion
-from .quantize_stream import LANE_BYTES as QUANTIZE_LANE_BYTES
+from .quantize_stream import lane_group_bytes
 from .units import count, human_bytes
 from .weight_only import GATHER_INDEX_BYTES
 from .writer import staging_buffer_bytes, write_thread_count
@@ -303,20 +303,26 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     each write thread slices and casts its pieces from them a block (4 MiB of output) at a time; every
     rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
     hosts) or 8 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
-    their rank files count together. Weight-only quantization adds, per write thread, its stored-bytes
-    buffer and scratch (QUANTIZE_LANE_BYTES), once the cached gather indexes (GATHER_INDEX_BYTES), and per
+    their rank files count together. Weight-only quantization adds the quantize pool (quantize_pool.py:
+    its block buffers and each thread's scratch), per write thread what quantizing one row group a chunk
+    left open takes (lane_group_bytes), once the cached gather indexes (GATHER_INDEX_BYTES), and per
     rank file the scales of the quantized weights being filled (at most two at a time: a weight's sources
     are read before the next weight's, except where a fused gate_up source feeds two). Nothing else grows
     with the model. So:
 
-        bound = base + 2 * chunk_bytes + write_threads * (block + quantize) + rank_files * depth * staging_buffer
-                + gather indexes + rank_files * 2 * largest scales
+        bound = base + 2 * chunk_bytes + write_threads * (block + one row group's quantizing)
+                + rank_files * depth * staging_buffer + quantize pool + gather indexes + rank_files * 2 * largest scales
     """
     n_files = sum(len(plan.ranks) for plan in plans)
     threads = write_thread_count(workers, n_files)
     staging = n_files * writer.DEPTH * staging_buffer_bytes(n_files)
     scales = [t.nbytes for plan in plans for r in plan.ranks for t in r.tensors if t.quantized and not t.pieces]
-    quantize = (threads * QUANTIZE_LANE_BYTES + GATHER_INDEX_BYTES + n_files * 2 * max(scales)) if scales else 0
+    quantize = 0
+    if scales:
+        weights = [t.quantized.tensor() for p in plans for r in p.ranks for t in r.tensors if t.quantized and t.pieces]
+        group = max(qt.group * qt.shape[-1] for qt in weights)
+        pool = quantize_pool.memory_bytes(quantize_pool.thread_count())
+        quantize = pool + threads * lane_group_bytes(group) + GATHER_INDEX_BYTES + n_files * 2 * max(scales)
     bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
     return {
         "bound_bytes": bound,

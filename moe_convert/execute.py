@@ -27,6 +27,8 @@ from . import profiling, writer
 from .casts import Cast, cast_function
 from .header import TensorInfo, itemsize
 from .plan import Box, Plan, PlannedTensor, RankPlan
+from .quantize_pool import BLOCK_BYTES, QuantizePool
+from .quantize_pool import thread_count as quantize_thread_count
 from .quantize_stream import QuantizedOutput
 from .reading import BITS, chunk_boxes, contiguous_run
 from .reading import SourceReader as _SourceReader
@@ -117,6 +119,7 @@ class _Context:
     buffers: _ReadBuffers
     torch_threads: _TorchThreads
     on_bytes: Callable[[int], None]  # thread-safe
+    quantize_pool: QuantizePool | None  # None: the plans quantize nothing
 
 
 def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
@@ -214,16 +217,45 @@ def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast:
 
 
 def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast) -> None:
-    """On the lane: gather and cast `view` (elements [first, ...) of a quantized weight's rows) into the model
-    dtype block by block, and hand the blocks to the weight, which quantizes whole row groups and writes them."""
-    q = t.quantized
-    assert q is not None
+    """On the lane: cut `view` (elements [first, ...) of a quantized weight's rows) into blocks of whole row
+    groups for the quantize pool, and write their results in order. A row group cut by the view's edge (a
+    chunk need not end on one) is gathered here and waits in the weight for its other rows."""
+    q, pool = t.quantized, ctx.quantize_pool
+    assert q is not None and pool is not None
     item = itemsize(t.dtype)
-    # Blocks of whole row groups where the view allows, so rows are seldom held back for the next block.
-    limit = max(1, CAST_BLOCK_BYTES // (q.group_elements * item)) * q.group_elements * item
-    for start, data in _cast_blocks(view, item, cast, limit):
-        q.add(first + start, data, t.writer)
-        ctx.on_bytes(q.take_written())
+    g = q.group_elements
+    limit = max(1, BLOCK_BYTES // (g * item)) * g * item
+    whole = tuple((0, d) for d in view.shape)
+    batch = pool.batch(q, t.writer)
+    try:
+        for block in chunk_boxes(tuple(view.shape), item, limit):
+            part = view[tuple(slice(s, e) for s, e in block)]
+            start = first + _element_offset(block, whole)
+            if start % g == 0 and part.size % g == 0 and part.size * item <= BLOCK_BYTES:
+                batch.submit(start, part, cast)
+                continue
+            batch.drain()  # the weight's bytes go out in row order
+            for s, data in _cast_blocks(part, item, cast, limit):
+                pos, end = start + s, start + s + data.size
+                head = min(end, -(-pos // g) * g)  # the end of a group begun before `pos`
+                tail = max(head, end // g * g)  # the start of one that ends after `end`
+                if head > pos:
+                    q.add(pos, data[: head - pos], t.writer)
+                if head < tail <= head + BLOCK_BYTES // item:
+                    batch.submit(head, data[head - pos : tail - pos], _COPY)
+                    batch.drain()  # `data` is the lane's block, which the next turn of this loop reuses
+                elif head < tail:  # a row group larger than a pool block (K over 500K): quantized here
+                    q.add(head, data[head - pos : tail - pos], t.writer)
+                if end > tail:
+                    q.add(tail, data[tail - pos :], t.writer)
+        batch.drain()
+    except BaseException:
+        batch.abandon()
+        raise
+    ctx.on_bytes(q.take_written())
+
+
+_COPY = functools.partial(np.copyto, casting="no")  # elements already in the model dtype
 
 
 def _submit_copy(ctx: _Context, info: TensorInfo, t: _Target) -> None:
@@ -273,6 +305,7 @@ def execute_plans(
     io = ThreadPoolExecutor(n_io, thread_name_prefix="moe-convert-io") if n_io else None
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
+    quantize_pool: QuantizePool | None = None
     torch_threads = _TorchThreads()
     try:
         by_source: dict[str, list[_Target]] = {}
@@ -302,7 +335,10 @@ def execute_plans(
             with lock:
                 on_bytes(n)
 
-        ctx = _Context(reader, lanes, _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS), torch_threads, counted)
+        if any(t.quantized for targets in by_source.values() for t in targets):
+            quantize_pool = QuantizePool(quantize_thread_count(), lanes.check)
+        buffers = _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS)
+        ctx = _Context(reader, lanes, buffers, torch_threads, counted, quantize_pool)
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
             _scatter(ctx, tensors[n], by_source[n])
@@ -326,7 +362,9 @@ def execute_plans(
                     (job.output_dir / (r.file + PARTIAL_SUFFIX)).unlink(missing_ok=True)
         raise
     finally:
-        torch_threads.close()  # the lanes have stopped
+        if quantize_pool is not None:  # the lanes have stopped, and with them every use of the pool
+            quantize_pool.close()
+        torch_threads.close()
         if io is not None:
             io.shutdown()
         if reader is not None:

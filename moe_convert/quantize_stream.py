@@ -20,20 +20,28 @@ import numpy as np
 
 from . import profiling
 from .header import itemsize, torch_dtype
-from .weight_only import SCRATCH_BYTES, QuantizedTensor
+from .weight_only import SCRATCH_BYTES, SCRATCH_BYTES_PER_ELEMENT, QuantizedTensor
 
-# Stored bytes a lane quantizes into at a time (reused): at most a block of model-dtype input per step.
+# Stored bytes a thread quantizes into at a time (reused): at most a block of model-dtype input per step.
 _OUT_BYTES = 4 * 2**20
-# What quantizing holds per lane: that buffer, and weight_only's scratch for one step.
-LANE_BYTES = _OUT_BYTES + SCRATCH_BYTES
+
+
+def lane_group_bytes(group_elements: int) -> int:
+    """What a thread holds to quantize one row group of `group_elements` here (the executor's lanes do only
+    that: the row groups its chunks leave open): the group itself, weight_only's scratch and stored bytes,
+    at most SCRATCH_BYTES + _OUT_BYTES."""
+    per_element = SCRATCH_BYTES_PER_ELEMENT + 1 + 4  # scratch, stored byte, the held element
+    return min(per_element * group_elements, SCRATCH_BYTES + _OUT_BYTES)
+
+
 _lane_local = threading.local()
 
 
 def _out_buffer(n: int) -> np.ndarray:
     """This lane's reused uint8 buffer for stored bytes, at least `n` long."""
     buf: np.ndarray | None = getattr(_lane_local, "out", None)
-    if buf is None or buf.size < n:
-        buf = _lane_local.out = np.empty(max(n, _OUT_BYTES), dtype=np.uint8)
+    if buf is None or buf.size < n:  # grows to the largest block: one row group on the executor's lanes
+        buf = _lane_local.out = np.empty(n, dtype=np.uint8)
     return buf[:n]
 
 
@@ -86,8 +94,7 @@ class QuantizedOutput:
     def add(self, start: int, values: np.ndarray, writer: Sink) -> None:
         """Elements [start, start + len(values)) of the rows (raw bits of the model dtype, contiguous)."""
         end = start + values.size
-        if start < 0 or end > self.total:
-            raise ValueError(f"{self.qt.name}: elements [{start}, {end}) are outside its {self.total}")
+        self._check_range(start, end)
         g = self.group_elements
         pos, rest = start, values
         if pos % g:  # the end of a group begun elsewhere
@@ -99,13 +106,42 @@ class QuantizedOutput:
             self._quantize(pos, rest[:whole], writer)
         if pos + whole < end:  # the start of a group that ends elsewhere
             self._hold(pos + whole, rest[whole:], writer)
-        self.received += values.size
+        self._received(values.size, writer)
+
+    def quantize_groups(self, start: int, values: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whole row groups from element `start`, on any thread (touches nothing of this object's state):
+        their stored bytes (in `out`, which must hold them) and their scale bytes. Hand both to `add_quantized`."""
+        import torch
+
+        qt = self.qt
+        rows = values.size // self.k
+        if start % self.group_elements or values.size % self.group_elements:
+            raise ValueError(f"{qt.name}: elements [{start}, {start + values.size}) are not whole row groups")
+        x = torch.from_numpy(values).view(torch_dtype(qt.dtype)).view(rows, self.k)
+        data = out[: rows * qt.row_bytes]
+        t0 = profiling.clock()
+        _, scales = qt.quantize_rows(x, out=torch.from_numpy(data))
+        profiling.current.add("quantize", t0, data.size)
+        return data, scales.view(torch.uint8).numpy()
+
+    def add_quantized(self, start: int, n: int, data: np.ndarray, scales: np.ndarray, writer: Sink) -> None:
+        """The result of `quantize_groups` for `n` elements from `start`: bytes written, scales kept."""
+        self._check_range(start, start + n)
+        self._store(start // self.k, data, scales, writer)
+        self._received(n, writer)
+
+    def _check_range(self, start: int, end: int) -> None:
+        if start < 0 or end > self.total:
+            raise ValueError(f"{self.qt.name}: elements [{start}, {end}) are outside its {self.total}")
+
+    def _received(self, n: int, writer: Sink) -> None:
+        self.received += n
         if self.received == self.total:
             if self.pending:
                 raise ValueError(f"{self.qt.name}: every element arrived but {len(self.pending)} row groups are open")
-            assert self.scales is not None
-            writer.write(self.scale_offset, self.scales)
-            self.written += self.scales.size
+            if self.scales is not None:  # None only for a weight with no rows
+                writer.write(self.scale_offset, self.scales)
+                self.written += self.scales.size
             self.scales = None
 
     def take_written(self) -> int:
@@ -124,24 +160,19 @@ class QuantizedOutput:
             self._quantize(first, buf, writer)
 
     def _quantize(self, pos: int, values: np.ndarray, writer: Sink) -> None:
-        """Whole row groups starting at element `pos`: their stored bytes written, their scales kept."""
-        import torch
-
+        """Whole row groups starting at element `pos`, here: their stored bytes written, their scales kept."""
         qt = self.qt
-        rows, row0 = values.size // self.k, pos // self.k
         # a block of at most a few MB per step keeps the stored bytes' buffer small
-        step = max(qt.group, _OUT_BYTES // qt.row_bytes // qt.group * qt.group)
-        item = itemsize(qt.dtype)
+        step = max(qt.group, _OUT_BYTES // qt.row_bytes // qt.group * qt.group) * self.k
+        for e0 in range(0, values.size, step):
+            part = values[e0 : e0 + step]
+            data, scales = self.quantize_groups(pos + e0, part, _out_buffer(part.size // self.k * qt.row_bytes))
+            self._store((pos + e0) // self.k, data, scales, writer)
+
+    def _store(self, first_row: int, data: np.ndarray, scales: np.ndarray, writer: Sink) -> None:
+        qt = self.qt
         if self.scales is None:
-            self.scales = np.zeros(qt.rows * item, dtype=np.uint8)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            x = torch.from_numpy(values[r0 * self.k : r1 * self.k]).view(torch_dtype(qt.dtype)).view(r1 - r0, self.k)
-            out = _out_buffer((r1 - r0) * qt.row_bytes)
-            t0 = profiling.clock()
-            _, scales = qt.quantize_rows(x, out=torch.from_numpy(out))
-            profiling.current.add("quantize", t0, out.size)
-            first_row = row0 + r0
-            self.scales[first_row * item : (first_row + r1 - r0) * item] = scales.view(torch.uint8).numpy()
-            writer.write(self.weight_offset + first_row * qt.row_bytes, out)
-            self.written += out.size
+            self.scales = np.zeros(qt.rows * itemsize(qt.dtype), dtype=np.uint8)
+        self.scales[first_row * itemsize(qt.dtype) : first_row * itemsize(qt.dtype) + scales.size] = scales
+        writer.write(self.weight_offset + first_row * qt.row_bytes, data)
+        self.written += data.size

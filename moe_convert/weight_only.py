@@ -52,7 +52,8 @@ _INTERLEAVE = {8: 2, 4: 4}
 _SUB_BLOCK_ELEMENTS = 1 << 20
 # Per thread, the reused temporaries of one step: x, sign and the stored-order copy in float32, and for
 # int4 the int8 values and two int16 halves: 15 bytes an element.
-SCRATCH_BYTES = 15 * _SUB_BLOCK_ELEMENTS
+SCRATCH_BYTES_PER_ELEMENT = 15
+SCRATCH_BYTES = SCRATCH_BYTES_PER_ELEMENT * _SUB_BLOCK_ELEMENTS
 # Shared by all threads: the cached gather indexes (int32, one step each, at most _GATHER_CACHE of them).
 _GATHER_CACHE = 16
 GATHER_INDEX_BYTES = _GATHER_CACHE * 4 * _SUB_BLOCK_ELEMENTS
@@ -394,8 +395,8 @@ def _scratch_buffer(purpose: str, dtype: torch.dtype, n: int) -> torch.Tensor:
 
     buffers: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(purpose)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = buffers[purpose] = torch.empty(max(n, _SUB_BLOCK_ELEMENTS), dtype=dtype)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:  # grows to the largest step: one group on a lane
+        buf = buffers[purpose] = torch.empty(n, dtype=dtype)
     return buf[:n]
 
 

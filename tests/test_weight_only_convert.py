@@ -29,6 +29,8 @@ from spec_oracle import Layout, Sizes, assert_matches_source, classic_view, conv
 from trtllm_forward import forward_from_rank_files
 from weight_only_reference import reference
 
+import moe_convert.execute
+import moe_convert.quantize_pool
 import moe_convert.weight_only
 from moe_convert import convert, convert_batch, verify
 from moe_convert.cli import main
@@ -170,6 +172,30 @@ def test_rank_files_are_the_spec_tensors_quantized(
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == q.scheme.quantization_config()
     assert config["quantization"]["quant_algo"] == {"int8": "W8A16", "int4": "W4A16"}[q.precision]
+
+
+@pytest.mark.parametrize("q", [Quant("int4", 80), Quant("int8", 90, "column_major")], ids=Quant.label)
+@pytest.mark.parametrize("chunk_bytes", [None, 1000, 3 * 1024 + 100, 40_000])
+def test_chunks_and_pool_blocks_that_cut_row_groups_write_the_same_bytes(
+    wide: Path,
+    q: Quant,
+    chunk_bytes: int | None,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pool blocks of 64 KB (an expert's fc is 128 KB here: two blocks, written in order), and source chunks
+    that end inside a row (1000 bytes of 1024-byte rows), after three rows (inside a group of 2 or 4), or
+    after 39: the rows a chunk leaves open wait for the next one, and every byte is as in one piece."""
+    lay = LAYOUTS[1]
+    expected = quantized(tmp_path_factory, wide, lay, q)
+    monkeypatch.setattr(moe_convert.execute, "BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(moe_convert.quantize_pool, "BLOCK_BYTES", 64 * 1024)
+    extra = {"chunk_bytes": chunk_bytes} if chunk_bytes else {"workers": 3}
+    got = quantized(tmp_path_factory, wide, lay, q, **extra)
+    files = sorted(f.name for f in expected.glob("rank*.safetensors"))
+    assert files and files == sorted(f.name for f in got.glob("rank*.safetensors"))
+    for name in files:
+        assert (got / name).read_bytes() == (expected / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("q", [Quant("int4", 86), Quant("int8", 89), Quant("int4", 75)], ids=Quant.label)
