@@ -151,7 +151,7 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
             if t.quantized is not None:
                 ctx.torch_threads.one()
                 first = t.first + _element_offset(sub, t.box)
-                job = functools.partial(_write_quantized, ctx, view, t, first, cast)
+                job = functools.partial(_write_quantized, ctx, view, t, first, cast, info.dtype == t.dtype)
             else:
                 offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
                 job = functools.partial(_write_piece, ctx, view, t, offset, cast)
@@ -216,10 +216,11 @@ def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast:
         ctx.on_bytes(data.size * item)
 
 
-def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast) -> None:
+def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast, same_dtype: bool) -> None:
     """On the lane: cut `view` (elements [first, ...) of a quantized weight's rows) into blocks of whole row
     groups for the quantize pool, and write their results in order. A row group cut by the view's edge (a
-    chunk need not end on one) is gathered here and waits in the weight for its other rows."""
+    chunk need not end on one) is gathered here and waits in the weight for its other rows. With `same_dtype`
+    (a source in the model dtype) contiguous blocks are quantized where they are, uncopied."""
     q, pool = t.quantized, ctx.quantize_pool
     assert q is not None and pool is not None
     item = itemsize(t.dtype)
@@ -232,7 +233,7 @@ def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, ca
             part = view[tuple(slice(s, e) for s, e in block)]
             start = first + _element_offset(block, whole)
             if start % g == 0 and part.size % g == 0 and part.size * item <= BLOCK_BYTES:
-                batch.submit(start, part, cast)
+                batch.submit(start, part, None if same_dtype and part.flags.c_contiguous else cast)
                 continue
             batch.drain()  # the weight's bytes go out in row order
             for s, data in _cast_blocks(part, item, cast, limit):
@@ -242,7 +243,7 @@ def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, ca
                 if head > pos:
                     q.add(pos, data[: head - pos], t.writer)
                 if head < tail <= head + BLOCK_BYTES // item:
-                    batch.submit(head, data[head - pos : tail - pos], _COPY)
+                    batch.submit(head, data[head - pos : tail - pos], None)
                     batch.drain()  # `data` is the lane's block, which the next turn of this loop reuses
                 elif head < tail:  # a row group larger than a pool block (K over 500K): quantized here
                     q.add(head, data[head - pos : tail - pos], t.writer)
@@ -253,9 +254,6 @@ def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, ca
         batch.abandon()
         raise
     ctx.on_bytes(q.take_written())
-
-
-_COPY = functools.partial(np.copyto, casting="no")  # elements already in the model dtype
 
 
 def _submit_copy(ctx: _Context, info: TensorInfo, t: _Target) -> None:

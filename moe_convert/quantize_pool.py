@@ -99,13 +99,19 @@ class QuantizePool:
             self.cond.notify()
 
 
-def _run(slot: _Slot, q: QuantizedOutput, start: int, part: np.ndarray, cast: Cast) -> tuple[np.ndarray, np.ndarray]:
-    """On a pool thread: gather and cast `part` into the slot, then quantize it."""
-    raw = slot.values.view(BITS[itemsize(q.qt.dtype)])[: part.size]
-    t0 = profiling.clock()
-    cast(raw.reshape(part.shape), part)
-    profiling.current.add("gather_cast", t0, raw.nbytes)
-    return q.quantize_groups(start, raw, slot.stored)
+def _run(
+    slot: _Slot, q: QuantizedOutput, start: int, part: np.ndarray, cast: Cast | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """On a pool thread: gather and cast `part` into the slot (unless it already is the model dtype's
+    contiguous elements: then it is read where it is), then quantize it."""
+    if cast is None:
+        values = part.reshape(-1)
+    else:
+        values = slot.values.view(BITS[itemsize(q.qt.dtype)])[: part.size]
+        t0 = profiling.clock()
+        cast(values.reshape(part.shape), part)
+        profiling.current.add("gather_cast", t0, values.nbytes)
+    return q.quantize_groups(start, values, slot.stored)
 
 
 class Batch:
@@ -117,8 +123,9 @@ class Batch:
             collections.deque()
         )
 
-    def submit(self, start: int, part: np.ndarray, cast: Cast) -> None:
-        """Quantize `part` (elements [start, ...) of the weight's rows, whole row groups, before the cast)."""
+    def submit(self, start: int, part: np.ndarray, cast: Cast | None) -> None:
+        """Quantize `part` (elements [start, ...) of the weight's rows, whole row groups, before the cast; None:
+        `part` is contiguous and in the model dtype already). `part` must stay as it is until written."""
         slot = self.pool._take(wait=False)
         while slot is None:
             if self.pending:

@@ -198,6 +198,19 @@ def test_chunks_and_pool_blocks_that_cut_row_groups_write_the_same_bytes(
         assert (got / name).read_bytes() == (expected / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("q", [Quant("int4", 80), Quant("int8", 90, "column_major")], ids=Quant.label)
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 1024 + 100])
+def test_a_source_in_the_model_dtype_is_quantized_where_it_was_read(
+    make_checkpoint: MakeCheckpoint, q: Quant, chunk_bytes: int | None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A bfloat16 source converted to bfloat16: whole row groups are quantized in the chunk buffer, uncopied
+    (the float32 sources elsewhere go through the cast); the bytes are still the spec tensors quantized."""
+    source = make_checkpoint(**WIDE_MIXTRAL, dtype="bfloat16")
+    lay = LAYOUTS[1]
+    out = quantized(tmp_path_factory, source, lay, q, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
+    assert assert_quantized_ranks(out, spec_tensors(tmp_path_factory, source, lay), q.scheme) == lay.tp * 4 * 2
+
+
 @pytest.mark.parametrize("q", [Quant("int4", 86), Quant("int8", 89), Quant("int4", 75)], ids=Quant.label)
 def test_other_archs_write_the_sm80_bytes(wide: Path, q: Quant, tmp_path_factory: pytest.TempPathFactory) -> None:
     """sm75-89 share one layout: the files equal the sm80 conversion's, and the spec's tensors quantized."""
