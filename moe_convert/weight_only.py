@@ -50,9 +50,9 @@ _INTERLEAVE = {8: 2, 4: 4}
 # 0.81 GB/s of bf16 at 128K elements (1 thread: 0.69) and 1.22 GB/s at 1M (1 thread: 0.63); 2M was slower
 # (1.09): its temporaries leave the CPU cache. See docs/weight-only.md (Speed).
 _SUB_BLOCK_ELEMENTS = 1 << 20
-# Per thread, the reused temporaries of one step: x, sign and the stored-order copy in float32, and for
-# int4 the int8 values and two int16 halves: 15 bytes an element.
-SCRATCH_BYTES_PER_ELEMENT = 15
+# Per thread, the reused temporaries of one step: x, the stored-order copy and (int8) sign(x) in float32, and
+# for int4 trunc(x), trunc(2x) and the values in int8 and two int16 halves: 17 bytes an element at most.
+SCRATCH_BYTES_PER_ELEMENT = 17
 SCRATCH_BYTES = SCRATCH_BYTES_PER_ELEMENT * _SUB_BLOCK_ELEMENTS
 # Shared by all threads: the cached gather indexes (int32, one step each, at most _GATHER_CACHE of them).
 _GATHER_CACHE = 16
@@ -369,11 +369,25 @@ _HALF_DOWN = 0.5 - 2.0**-25
 def _round_half_away(x: torch.Tensor, sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """C's round() (torch.round goes to even) of float32 `x` into the integer tensor `out`: x + sign(x) * HALF_DOWN,
     truncated by the float-to-int conversion. Exact for every |x| < 2**23 (the tests check it against
-    floor(|x| + 0.5) in float64). Clobbers `x`; `sign` is scratch space."""
+    floor(|x| + 0.5) in float64). Clobbers `x`; `sign` is float32 scratch space."""
     import torch
 
     x.add_(torch.sign(x, out=sign), alpha=_HALF_DOWN)
     return out.copy_(x)
+
+
+def _round_half_away_small(
+    x: torch.Tensor, whole: torch.Tensor, doubled: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """The same as trunc(2x) - trunc(x): for x = +-(k + f) with 0 <= f < 1 that is +-(k + [f >= 0.5]), and 2x
+    is exact in float32. With int8 scratch (`whole`, `doubled`: |2x| < 128, int4's values) it takes 7% less
+    time per int4 block than the above; with the int16 that int8's 2x needs, 10% more (measured), so int8
+    keeps the above. Clobbers `x`."""
+    import torch
+
+    whole.copy_(x)  # the float-to-int conversion truncates
+    doubled.copy_(x.mul_(2))
+    return torch.sub(doubled, whole, out=out)
 
 
 @functools.lru_cache(maxsize=_GATHER_CACHE)
@@ -422,7 +436,6 @@ def _quantize_block(
     low = _scratch_buffer("low_per_row", torch.float32, r)
     torch.amax(x, dim=1, out=amax)
     torch.maximum(amax.abs_(), torch.amin(x, dim=1, out=low).abs_(), out=amax)
-    sign = _scratch_buffer("sign", torch.float32, n)
     scale = amax * (1.0 / (qmax + 1))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
     scales.copy_(scale)  # the stored scale, rounded to the model dtype
     x.div_(scale.masked_fill_(scale == 0, 1.0).view(r, 1))  # an all-zero row quantizes to 0, as in TensorRT-LLM
@@ -433,11 +446,12 @@ def _quantize_block(
         x = torch.index_select(x, 0, index, out=_scratch_buffer("ordered", torch.float32, n))
     x.clamp_(-qmax - 1, qmax)  # clipping before rounding is the same as after: the bounds are integers
     if bits == 8:
-        _round_half_away(x, sign, out.view(torch.int8))
+        _round_half_away(x, _scratch_buffer("sign", torch.float32, n), out.view(torch.int8))
         if biased:
             out.bitwise_xor_(0x80)  # + 128 as unsigned: flips the top bit
     else:
-        q = _round_half_away(x, sign, _scratch_buffer("q", torch.int8, n))
+        whole, doubled = _scratch_buffer("whole", torch.int8, n), _scratch_buffer("doubled", torch.int8, n)
+        q = _round_half_away_small(x, whole, doubled, _scratch_buffer("q", torch.int8, n))
         # two values per byte, the first in the low nibble: as int16 a pair is lo | hi << 8 (little-endian,
         # like every host torch runs on and like safetensors' data)
         pairs = q.view(torch.int16)

@@ -168,10 +168,10 @@ def test_rounding_just_below_half_a_step() -> None:
     assert weight.view(-1)[:4].tolist() == [127, 0, 0, 1]
 
 
-def test_round_half_away_formula_is_exact() -> None:
-    """The fast path's rounding against floor(|x| + 0.5) in float64 (exact there): every float32
-    in [0.4, 0.6], and the 512 float32s around every integer and half-integer up to 130, both signs."""
-    from moe_convert.weight_only import _round_half_away
+def test_round_half_away_formulas_are_exact() -> None:
+    """The fast paths' rounding against floor(|x| + 0.5) in float64 (exact there): every float32 in [0.4, 0.6],
+    and the 512 float32s around every integer and half-integer up to 130, both signs."""
+    from moe_convert.weight_only import _round_half_away, _round_half_away_small
 
     def bits(x: float) -> int:
         return int(struct.unpack("<I", struct.pack("<f", x))[0])
@@ -181,9 +181,10 @@ def test_round_half_away_formula_is_exact() -> None:
     near = (centers[:, None] + torch.arange(-256, 256)[None, :]).reshape(-1)
     x = torch.cat([dense, near]).to(torch.int32).view(torch.float32)
     x = torch.cat([x, -x])
-    fast = _round_half_away(x.clone(), torch.empty_like(x), torch.empty_like(x, dtype=torch.int32)).float()
     exact = torch.copysign((x.double().abs() + 0.5).floor(), x.double()).float()
-    assert torch.equal(fast, exact)
+    ints = [torch.empty_like(x, dtype=torch.int32) for _ in range(3)]
+    assert torch.equal(_round_half_away(x.clone(), torch.empty_like(x), ints[0]).float(), exact)
+    assert torch.equal(_round_half_away_small(x.clone(), *ints).float(), exact)
 
 
 # --- round trip ----------------------------------------------------------------------------------------
