@@ -1,7 +1,8 @@
 """Throughput of the weight-only quantizer (moe_convert.weight_only) on full-width Mixtral-8x7B expert weights.
 
 Times `QuantizedTensor.quantize_rows` on one expert's fc `[2*14336, 4096]` and proj `[4096, 14336]` in
-bfloat16, fed in blocks of `--block_mb` MB of rows as the executor would, for int8 and int4, for the
+bfloat16, fed in blocks of `--block_mb` MB of rows as the executor's quantize pool does (each block's bytes
+into one reused buffer), for int8 and int4, for the
 interleaved layout (sm75-89, and every MoE weight on sm90) and the sm90 2-D column-major layout, with one
 torch thread and with torch's default. Reports input GB/s (bf16 bytes read per second) by wall clock and
 per CPU-second of this process (what other work on a shared machine cannot inflate), median and spread of
@@ -32,12 +33,12 @@ def run_once(rows: torch.Tensor, precision: str, arch: int, ndim: int, block_row
     shape = (1, n, k) if ndim == 3 else (n, k)
     # sm90 needs a stated 2-D layout (docs/weight-only.md); column_major is the one without a gather.
     qt = WeightOnly(precision, arch, "column_major" if arch == 90 else None).tensor("bench.weight", shape, "BF16")
-    out = torch.empty(qt.weight_nbytes, dtype=torch.uint8)
     block_rows = max(qt.group, block_rows // qt.group * qt.group)
+    out = torch.empty(block_rows * qt.row_bytes, dtype=torch.uint8)  # reused, as a quantize pool slot is
     wall, cpu = time.perf_counter(), time.process_time()
     for r0 in range(0, n, block_rows):
         r1 = min(n, r0 + block_rows)
-        qt.quantize_rows(rows[r0:r1], out=out[r0 * qt.row_bytes : r1 * qt.row_bytes])
+        qt.quantize_rows(rows[r0:r1], out=out[: (r1 - r0) * qt.row_bytes])
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
