@@ -446,6 +446,27 @@ def test_shapes_the_kernels_cannot_take_are_refused_in_one_line_before_reading(
     assert not (tmp_path / "o").exists()
 
 
+def test_a_nan_weight_stops_the_conversion_in_one_line_and_leaves_nothing(wide: Path, tmp_path: Path) -> None:
+    """A NaN in one expert's weight: the pool thread's error reaches the command as one line naming the
+    weight, exit 1, and no rank file, temporary file, config or manifest is left."""
+    source = tmp_path / "src"
+    shutil.copytree(wide, source)
+    name = "model.layers.1.block_sparse_moe.experts.5.w3.weight"
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = source / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][7, 3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    args = ["convert", "--model_dir", str(source), "--output_dir", str(out), "--tp_size", "4", "--moe_tp_size", "2"]
+    result = run(*args, "--moe_ep_size", "2", "--use_weight_only", "--weight_only_arch", "80", "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "transformer.layers.1.mlp.fc.weight: the weight has inf or NaN" in lines[0], lines
+    left = {f.name for f in out.iterdir()} if out.exists() else set()
+    assert left <= {".moe-convert-journal.json"}, left  # the journal is what --resume would continue from
+
+
 def test_save_config_only_writes_the_quantization_block(wide: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     args = ["--use_weight_only", "--weight_only_precision", "int4", "--weight_only_arch", "89"]
