@@ -2,9 +2,9 @@
 
 Each worker quantizes its own full-width Mixtral-8x7B expert weight (`[14336, 4096]` bf16, int8, the
 interleaved layout every MoE weight uses) three times, in 4 MB blocks into a reused buffer as the
-executor's quantize pool does, one torch thread per op; all workers start together. Prints GB/s of bf16
-input in all and per worker. Threads share the GIL (between a step's torch ops a thread holds it);
-processes do not, so the gap between the two lines is what the GIL costs.
+executor's quantize pool does (`bench_quantize.run_once`), one torch thread per op; all workers start
+together. Prints GB/s of bf16 input in all and per worker. Threads share the GIL (between a step's torch
+ops a thread holds it); processes do not, so the gap between the two lines is what the GIL costs.
 
     python benchmarks/bench_quantize_scaling.py 1,2,4,8,16
 """
@@ -14,34 +14,25 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import threading
-import time
 from typing import Any
 
 import torch
-
-from moe_convert.weight_only import QuantizedTensor, WeightOnly
+from bench_quantize import run_once  # this folder is on sys.path when a script here runs
 
 ROWS, K, BLOCK_ROWS, REPEATS = 14336, 4096, 512, 3
 NBYTES = ROWS * K * 2 * REPEATS
 
 
-def prepare() -> tuple[torch.Tensor, QuantizedTensor, torch.Tensor]:
+def prepare() -> torch.Tensor:
     torch.set_num_threads(1)
     rows = (torch.randn(ROWS, K, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
-    qt = WeightOnly("int8", 80).tensor("bench.mlp.fc.weight", (1, ROWS, K), "BF16")
-    out = torch.empty(BLOCK_ROWS * qt.row_bytes, dtype=torch.uint8)
-    qt.quantize_rows(rows[:BLOCK_ROWS], out=out)  # warm up: scratch buffers, gather index
-    return rows, qt, out
+    run_once(rows[:BLOCK_ROWS], "int8", 80, 3, BLOCK_ROWS)  # warm up: scratch buffers, gather index
+    return rows
 
 
-def timed(state: tuple[torch.Tensor, QuantizedTensor, torch.Tensor], barrier: Any) -> float:
-    rows, qt, out = state
+def timed(rows: torch.Tensor, barrier: Any) -> float:
     barrier.wait()
-    t0 = time.perf_counter()
-    for _ in range(REPEATS):
-        for r0 in range(0, ROWS, BLOCK_ROWS):
-            qt.quantize_rows(rows[r0 : r0 + BLOCK_ROWS], out=out)
-    return time.perf_counter() - t0
+    return sum(run_once(rows, "int8", 80, 3, BLOCK_ROWS)[0] for _ in range(REPEATS))
 
 
 def process_worker(barrier: Any, results: Any) -> None:
