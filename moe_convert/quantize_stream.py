@@ -170,9 +170,9 @@ class QuantizedOutput:
             self._store((pos + e0) // self.k, data, scales, writer)
 
     def _store(self, first_row: int, data: np.ndarray, scales: np.ndarray, writer: Sink) -> None:
-        qt = self.qt
+        qt, item = self.qt, itemsize(self.qt.dtype)
         if self.scales is None:
-            self.scales = np.zeros(qt.rows * itemsize(qt.dtype), dtype=np.uint8)
-        self.scales[first_row * itemsize(qt.dtype) : first_row * itemsize(qt.dtype) + scales.size] = scales
+            self.scales = np.zeros(qt.rows * item, dtype=np.uint8)
+        self.scales[first_row * item : first_row * item + scales.size] = scales
         writer.write(self.weight_offset + first_row * qt.row_bytes, data)
         self.written += data.size
