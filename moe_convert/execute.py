@@ -5,9 +5,10 @@ front, see writer.py) and hands the work to the files' lanes (write threads): a 
 byte range of the source is read by the lane straight into the file's staging buffer; the others are
 read by the main thread in chunks of at most `chunk_bytes` into one of two reused buffers, and the
 lanes slice and cast their pieces (numpy, on the elements' raw bits: casts.py) from it a few MB at a
-time. A piece of a weight-only quantized weight is cast to the model dtype the same way and handed to the
-weight's QuantizedOutput (quantize_stream.py), which quantizes whole row groups on the lane and writes
-their bytes, and at the end the scales. Memory stays bounded whatever the model size.
+time. A piece of a weight-only quantized weight is cut by its lane into blocks of whole row groups, which
+the quantize pool (quantize_pool.py) casts to the model dtype and quantizes on every core; the lane writes
+their bytes in row order through the weight's QuantizedOutput (quantize_stream.py), and at the end the
+scales. Memory stays bounded whatever the model size.
 """
 
 from __future__ import annotations
@@ -171,9 +172,9 @@ def _block(item: int) -> np.ndarray:
 
 
 class _TorchThreads:
-    """Weight-only quantization runs torch on the lanes, which already run in parallel: torch gets one thread
-    per op for the conversion, restored after (with its default threads on top, 4 MB torch casts took 6-10x
-    longer on 2 cores, measured). Nothing else in a conversion imports torch."""
+    """Weight-only quantization runs torch on the quantize pool's threads, which already run in parallel:
+    torch gets one thread per op for the conversion, restored after (with its default threads on top, 4 MB
+    torch casts took 6-10x longer on 2 cores, measured). Nothing else in a conversion imports torch."""
 
     def __init__(self) -> None:
         self.restore = 0

@@ -7,7 +7,8 @@ is one contiguous byte range of the stored weight); a group cut by a run's edge 
 rows (a few KB). The scales are kept until the last row is in, then written as one tensor: it follows the
 weight in the file, so with rows arriving in order it is streamed as the file's next bytes.
 
-Every call comes from the rank file's own lane, one at a time, so no lock is needed.
+Every call comes from the rank file's own lane, one at a time, so no lock is needed; the one exception,
+`quantize_groups`, which the quantize pool's threads call, touches none of the object's state.
 """
 
 from __future__ import annotations
