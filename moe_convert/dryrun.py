@@ -321,7 +321,7 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     if scales:
         weights = [t.quantized.tensor() for p in plans for r in p.ranks for t in r.tensors if t.quantized and t.pieces]
         group = max(qt.group * qt.shape[-1] for qt in weights)
-        pool = quantize_pool.memory_bytes(quantize_pool.thread_count())
+        pool = quantize_pool.memory_bytes(quantize_pool.thread_count(), group)
         quantize = pool + threads * lane_group_bytes(group) + GATHER_INDEX_BYTES + n_files * 2 * max(scales)
     bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
     return {

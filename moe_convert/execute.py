@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from . import profiling, writer
 from .casts import Cast, cast_function
 from .header import TensorInfo, itemsize
 from .plan import Box, Plan, PlannedTensor, RankPlan
-from .quantize_pool import BLOCK_BYTES, QuantizePool
+from .quantize_pool import BLOCK_BYTES, Feed, QuantizePool, Quantizing
 from .quantize_pool import thread_count as quantize_thread_count
 from .quantize_stream import QuantizedOutput
 from .reading import BITS, chunk_boxes, contiguous_run
@@ -152,11 +153,10 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
             if t.quantized is not None:
                 ctx.torch_threads.one()
                 first = t.first + _element_offset(sub, t.box)
-                job = functools.partial(_write_quantized, ctx, view, t, first, cast, info.dtype == t.dtype)
+                _submit_quantized(ctx, view, t, first, cast, info.dtype == t.dtype, done)
             else:
                 offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
-                job = functools.partial(_write_piece, ctx, view, t, offset, cast)
-            ctx.lanes.submit(t.writer.lane, job, done)
+                ctx.lanes.submit(t.writer.lane, functools.partial(_write_piece, ctx, view, t, offset, cast), done)
 
 
 _lane_local = threading.local()
@@ -217,42 +217,74 @@ def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast:
         ctx.on_bytes(data.size * item)
 
 
-def _write_quantized(ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast, same_dtype: bool) -> None:
-    """On the lane: cut `view` (elements [first, ...) of a quantized weight's rows) into blocks of whole row
-    groups for the quantize pool, and write their results in order. A row group cut by the view's edge (a
-    chunk need not end on one) is gathered here and waits in the weight for its other rows. With `same_dtype`
-    (a source in the model dtype) contiguous blocks are quantized where they are, uncopied."""
+def _submit_quantized(
+    ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast, same_dtype: bool, done: Callable[[], None]
+) -> None:
+    """On the main thread: hand the quantize pool `view` (elements [first, ...) of a quantized weight's rows)
+    in blocks of whole row groups, and the lane a job that writes their results in row order. With
+    `same_dtype` (a source in the model dtype) contiguous blocks are quantized where they are, uncopied."""
     q, pool = t.quantized, ctx.quantize_pool
     assert q is not None and pool is not None
-    item = itemsize(t.dtype)
-    g = q.group_elements
-    limit = max(1, BLOCK_BYTES // (g * item)) * g * item
-    whole = tuple((0, d) for d in view.shape)
-    batch = pool.batch(q, t.writer)
+    feed = Feed(lambda: ctx.lanes.cancelled)
+    ctx.lanes.submit(t.writer.lane, functools.partial(_write_quantized, ctx, feed, t, cast), done)
+    complete = False
     try:
-        for block in chunk_boxes(tuple(view.shape), item, limit):
-            part = view[tuple(slice(s, e) for s, e in block)]
-            start = first + _element_offset(block, whole)
-            if start % g == 0 and part.size % g == 0 and part.size * item <= BLOCK_BYTES:
-                batch.submit(start, part, None if same_dtype and part.flags.c_contiguous else cast)
+        for start, part, pooled in _quantize_blocks(view, first, q, itemsize(t.dtype)):
+            if pooled:
+                feed.put(pool.submit(q, start, part, None if same_dtype and part.flags.c_contiguous else cast))
+            else:
+                feed.put((start, part))
+        complete = True
+    finally:
+        feed.close(complete)
+
+
+def _quantize_blocks(
+    view: np.ndarray, first: int, q: QuantizedOutput, item: int
+) -> Iterator[tuple[int, np.ndarray, bool]]:
+    """`view` cut, in row-major order, into (first element, part, whether it is whole row groups for the
+    pool). A row group cut by the view's edge (a chunk need not end on one) comes as a part of its own,
+    which the lane holds until the group's other rows arrive."""
+    g = q.group_elements
+    rows_per_block = BLOCK_BYTES // (q.k * item) // q.qt.group * q.qt.group
+    whole_rows = view.ndim >= 2 and view.shape[-1] == q.k and first % q.k == 0
+    if rows_per_block and whole_rows and math.prod(view.shape[:-2]) == 1:  # a run of rows: aligned to groups
+        rows = view.reshape(view.shape[-2], q.k)
+        r0 = first // q.k
+        head = min(len(rows), -r0 % q.qt.group)
+        tail = max(head, (r0 + len(rows)) // q.qt.group * q.qt.group - r0)
+        if head:
+            yield first, rows[:head], False
+        for r in range(head, tail, rows_per_block):
+            yield first + r * q.k, rows[r : min(tail, r + rows_per_block)], True
+        if tail < len(rows):
+            yield first + tail * q.k, rows[tail:], False
+        return
+    whole = tuple((0, d) for d in view.shape)
+    limit = max(1, BLOCK_BYTES // (g * item)) * g * item
+    for block in chunk_boxes(tuple(view.shape), item, limit):
+        part = view[tuple(slice(s, e) for s, e in block)]
+        start = first + _element_offset(block, whole)
+        pooled = start % g == 0 and part.size % g == 0 and part.size * item <= BLOCK_BYTES
+        yield start, part, pooled
+
+
+def _write_quantized(ctx: _Context, feed: Feed, t: _Target, cast: Cast) -> None:
+    """On the lane: write the blocks the main thread hands over, in order: the pool's results, and the
+    parts of row groups cut by a chunk's edge, gathered here and held in the weight (a group at a time)."""
+    q = t.quantized
+    assert q is not None
+    item = itemsize(t.dtype)
+    try:
+        for block in feed:
+            if isinstance(block, Quantizing):
+                block.write(q, t.writer)
                 continue
-            batch.drain()  # the weight's bytes go out in row order
-            for s, data in _cast_blocks(part, item, cast, limit):
-                pos, end = start + s, start + s + data.size
-                head = min(end, -(-pos // g) * g)  # the end of a group begun before `pos`
-                tail = max(head, end // g * g)  # the start of one that ends after `end`
-                if head > pos:
-                    q.add(pos, data[: head - pos], t.writer)
-                if head < tail <= head + BLOCK_BYTES // item:
-                    batch.submit(head, data[head - pos : tail - pos], None)
-                    batch.drain()  # `data` is the lane's block, which the next turn of this loop reuses
-                elif head < tail:  # a row group larger than a pool block (K over 500K): quantized here
-                    q.add(head, data[head - pos : tail - pos], t.writer)
-                if end > tail:
-                    q.add(tail, data[tail - pos :], t.writer)
-        batch.drain()
+            start, part = block
+            for s, data in _cast_blocks(part, item, cast, q.group_elements * item):
+                q.add(start + s, data, t.writer)
     except BaseException:
-        batch.abandon()
+        feed.abandon()
         raise
     ctx.on_bytes(q.take_written())
 

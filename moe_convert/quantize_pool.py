@@ -2,23 +2,26 @@
 
 A lane owns whole rank files, and under tp8/moe_ep8 all of an expert's weights go to one file: with the
 lanes quantizing their own chunks, a 16-core host had ~1.4 cores quantizing at a time (measured, issue 14).
-Now a lane cuts its piece of a chunk into blocks of whole row groups and hands each block to this pool,
-which gathers and casts it (numpy) and quantizes it (torch), both outside the GIL; the lane writes the
-results into its file in order, as they come back. Whole row groups are independent (weight_only.py), so
-any thread may take any block.
+So the main thread, as soon as it has read a chunk, cuts each quantized piece of it into blocks of whole
+row groups and hands them to this pool, which gathers and casts them (numpy) and quantizes them (torch),
+both outside the GIL; it hands the lane a Feed of the results in row order, which the lane writes into
+its file as they come back. Whole row groups are independent (weight_only.py), so any thread may take any
+block, and the pool works on the next chunks while lanes still write the last ones (when lanes cut the
+blocks, a lane's chunk went to the pool only after its previous one was written: the pool idled half the
+time on the 16-core host, measured).
 
-Memory: a block is taken from the chunk buffer into one of `slots` reused buffers (input and stored
-bytes), and each thread keeps weight_only's scratch for one step. The lane keeps at most the slots it
-could take; a lane that finds none free first writes its own oldest result (so lanes never wait on
-each other's slots for long, and never deadlock: a result needs only a thread, never a lane).
+Memory: a block is quantized into one of `slot_count` reused buffers (its stored bytes, and its input
+when it needs a gather or cast first), and each thread keeps weight_only's scratch for one step. The main
+thread waits for a free slot; slots come back as lanes write their results, which needs only the pool's
+threads, so the wait always ends.
 """
 
 from __future__ import annotations
 
-import collections
 import os
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ from .casts import Cast
 from .header import itemsize
 from .quantize_stream import QuantizedOutput, Sink
 from .reading import BITS
-from .weight_only import SCRATCH_BYTES
+from .weight_only import scratch_bytes
 
 # The input a block may have (model-dtype bytes), and so its stored bytes (at most half: int8 of 2-byte
 # values; float32 models give a quarter).
@@ -38,32 +41,42 @@ SLOT_BYTES = BLOCK_BYTES + BLOCK_BYTES // 2
 
 
 def thread_count() -> int:
-    """One per core, at most 8: on the 16-core host eight were busy half the time (4 layers tp8/moe_ep8 int8,
-    measured), each holds SCRATCH_BYTES, and between a step's torch ops a thread holds the GIL."""
+    """One per core, at most 8: between a step's torch ops a thread holds the GIL, and each holds
+    its scratch (16 threads quantized less than 8 on the 16-core host, measured)."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
 def slot_count(threads: int) -> int:
-    """Enough that every thread has its next block waiting while lanes write finished ones."""
-    return 2 * threads
+    """Enough for the blocks of both read buffers' chunks (2 x 64 MiB in 4 MiB blocks on 8 threads), so
+    the threads have the next chunk's blocks queued while lanes write the last one's."""
+    return 4 * threads
 
 
-def memory_bytes(threads: int) -> int:
-    """What the pool holds at most: its slots, and each thread's scratch."""
-    return slot_count(threads) * SLOT_BYTES + threads * SCRATCH_BYTES
+def memory_bytes(threads: int, group_elements: int) -> int:
+    """What the pool holds at most, for row groups of at most `group_elements`: its slots, and each
+    thread's scratch."""
+    return slot_count(threads) * SLOT_BYTES + threads * scratch_bytes(group_elements)
 
 
-@dataclass
 class _Slot:
-    values: np.ndarray  # uint8, BLOCK_BYTES: the block's model-dtype elements
-    stored: np.ndarray  # uint8, SLOT_BYTES - BLOCK_BYTES: its stored bytes
+    """One block's buffers, reused: its stored bytes, and (made at its first gathered or cast block) its
+    model-dtype elements."""
+
+    def __init__(self) -> None:
+        self.stored = np.empty(SLOT_BYTES - BLOCK_BYTES, dtype=np.uint8)
+        self.values: np.ndarray | None = None
+
+    def input(self) -> np.ndarray:
+        if self.values is None:
+            self.values = np.empty(BLOCK_BYTES, dtype=np.uint8)
+        return self.values
 
 
 class QuantizePool:
     """`threads` quantizing threads and `slot_count(threads)` block buffers, shared by every lane."""
 
     def __init__(self, threads: int, check: Callable[[], None]) -> None:
-        self.check = check  # raises the conversion's first error (a waiting lane must not wait forever)
+        self.check = check  # raises the conversion's first error (a waiting thread must not wait forever)
         self.executor = ThreadPoolExecutor(
             threads, thread_name_prefix="moe-convert-quantize", initializer=profiling.current.thread_start
         )
@@ -75,23 +88,29 @@ class QuantizePool:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    def batch(self, q: QuantizedOutput, writer: Sink) -> Batch:
-        """A lane's run of blocks of one weight, written to `writer` in the order they were submitted."""
-        return Batch(self, q, writer)
+    def submit(self, q: QuantizedOutput, start: int, part: np.ndarray, cast: Cast | None) -> Quantizing:
+        """Quantize `part`, elements [start, ...) of `q`'s rows, whole row groups, before the cast (None:
+        `part` is contiguous and in the model dtype already). Waits for a free slot. `part` must stay as
+        it is until the result is written or abandoned."""
+        slot = self._take()
+        try:
+            future = self.executor.submit(_run, slot, q, start, part, cast)
+        except BaseException:
+            self._give(slot)
+            raise
+        return Quantizing(self, start, part.size, slot, future)
 
-    def _take(self, wait: bool) -> _Slot | None:
+    def _take(self) -> _Slot:
         with self.cond:
             t0 = profiling.clock()
             while not self.free and self.made >= self.slots:
-                if not wait:
-                    return None
                 self.check()
                 self.cond.wait(0.1)
             profiling.current.add("slot_wait", t0)
             if self.free:
                 return self.free.pop()
             self.made += 1
-        return _Slot(np.empty(BLOCK_BYTES, dtype=np.uint8), np.empty(SLOT_BYTES - BLOCK_BYTES, dtype=np.uint8))
+        return _Slot()
 
     def _give(self, slot: _Slot) -> None:
         with self.cond:
@@ -107,59 +126,82 @@ def _run(
     if cast is None:
         values = part.reshape(-1)
     else:
-        values = slot.values.view(BITS[itemsize(q.qt.dtype)])[: part.size]
+        values = slot.input().view(BITS[itemsize(q.qt.dtype)])[: part.size]
         t0 = profiling.clock()
         cast(values.reshape(part.shape), part)
         profiling.current.add("gather_cast", t0, values.nbytes)
     return q.quantize_groups(start, values, slot.stored)
 
 
-class Batch:
-    """Blocks of one weight from one lane: submitted in row order, written in that order."""
+@dataclass
+class Quantizing:
+    """A block on its way through the pool; the lane writes it (once) or, after an error, abandons it."""
 
-    def __init__(self, pool: QuantizePool, q: QuantizedOutput, writer: Sink) -> None:
-        self.pool, self.q, self.writer = pool, q, writer
-        self.pending: collections.deque[tuple[int, int, _Slot, Future[tuple[np.ndarray, np.ndarray]]]] = (
-            collections.deque()
-        )
+    pool: QuantizePool
+    start: int
+    n: int
+    slot: _Slot
+    future: Future[tuple[np.ndarray, np.ndarray]]
 
-    def submit(self, start: int, part: np.ndarray, cast: Cast | None) -> None:
-        """Quantize `part` (elements [start, ...) of the weight's rows, whole row groups, before the cast; None:
-        `part` is contiguous and in the model dtype already). `part` must stay as it is until written."""
-        slot = self.pool._take(wait=False)
-        while slot is None:
-            if self.pending:
-                self._write_oldest()
-                slot = self.pool._take(wait=False)
-            else:
-                slot = self.pool._take(wait=True)
-        try:
-            future = self.pool.executor.submit(_run, slot, self.q, start, part, cast)
-        except BaseException:
-            self.pool._give(slot)
-            raise
-        self.pending.append((start, part.size, slot, future))
-
-    def drain(self) -> None:
-        """Write every result submitted so far."""
-        while self.pending:
-            self._write_oldest()
-
-    def abandon(self) -> None:
-        """After an error: wait for what is running (it reads the chunk buffer) and give the slots back."""
-        while self.pending:
-            _, _, slot, future = self.pending.popleft()
-            try:
-                future.exception()
-            finally:
-                self.pool._give(slot)
-
-    def _write_oldest(self) -> None:
-        start, n, slot, future = self.pending.popleft()
+    def write(self, q: QuantizedOutput, writer: Sink) -> None:
         try:
             t0 = profiling.clock()
-            data, scales = future.result()
+            data, scales = self.future.result()
             profiling.current.add("quantize_wait", t0)
-            self.q.add_quantized(start, n, data, scales, self.writer)
+            q.add_quantized(self.start, self.n, data, scales, writer)
         finally:
-            self.pool._give(slot)
+            self.pool._give(self.slot)
+
+    def abandon(self) -> None:
+        """Wait for it (it reads the chunk buffer, which is reused once its lane job ends), free its slot."""
+        try:
+            self.future.exception()
+        finally:
+            self.pool._give(self.slot)
+
+
+class FeedClosed(Exception):
+    """The main thread stopped handing a lane job its blocks (an error elsewhere, raised there)."""
+
+
+# A lane job's block: one on its way through the pool, or (first element, elements) it quantizes itself.
+FeedItem = Quantizing | tuple[int, np.ndarray]
+
+
+class Feed:
+    """One lane job's blocks, in row order, handed over by the main thread as it cuts them."""
+
+    def __init__(self, cancelled: Callable[[], bool]) -> None:
+        self.items: queue.SimpleQueue[FeedItem | bool] = queue.SimpleQueue()
+        self.cancelled = cancelled  # the conversion is being torn down: stop waiting
+
+    def put(self, item: FeedItem) -> None:
+        self.items.put(item)
+
+    def close(self, complete: bool) -> None:
+        """No more items; `complete` False: the job is cut short (its lane stops without writing more)."""
+        self.items.put(complete)
+
+    def __iter__(self) -> Iterator[FeedItem]:
+        while True:
+            try:
+                item = self.items.get(timeout=0.1)
+            except queue.Empty:
+                if self.cancelled():
+                    raise FeedClosed from None
+                continue
+            if item is True:
+                return
+            if item is False:
+                raise FeedClosed
+            yield item
+
+    def abandon(self) -> None:
+        """After an error on the lane: let go of the blocks handed over so far."""
+        while True:
+            try:
+                item = self.items.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Quantizing):
+                item.abandon()

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import profiling
 from .header import itemsize, torch_dtype
-from .weight_only import SCRATCH_BYTES, SCRATCH_BYTES_PER_ELEMENT, QuantizedTensor
+from .weight_only import SCRATCH_BYTES_PER_ELEMENT, QuantizedTensor
 
 # Stored bytes a thread quantizes into at a time (reused): at most a block of model-dtype input per step.
 _OUT_BYTES = 4 * 2**20
@@ -29,10 +29,10 @@ _OUT_BYTES = 4 * 2**20
 
 def lane_group_bytes(group_elements: int) -> int:
     """What a thread holds to quantize one row group of `group_elements` here (the executor's lanes do only
-    that: the row groups its chunks leave open): the group itself, weight_only's scratch and stored bytes,
-    at most SCRATCH_BYTES + _OUT_BYTES."""
+    that, a group at a time: the row groups a chunk's edge cuts, and groups too large for a pool block):
+    the group itself, weight_only's scratch and stored bytes."""
     per_element = SCRATCH_BYTES_PER_ELEMENT + 1 + 4  # scratch, stored byte, the held element
-    return min(per_element * group_elements, SCRATCH_BYTES + _OUT_BYTES)
+    return per_element * group_elements
 
 
 _lane_local = threading.local()

@@ -54,6 +54,14 @@ _SUB_BLOCK_ELEMENTS = 1 << 20
 # for int4 trunc(x), trunc(2x) and the values in int8 and two int16 halves: 17 bytes an element at most.
 SCRATCH_BYTES_PER_ELEMENT = 17
 SCRATCH_BYTES = SCRATCH_BYTES_PER_ELEMENT * _SUB_BLOCK_ELEMENTS
+
+
+def scratch_bytes(group_elements: int) -> int:
+    """A thread's scratch for weights whose row groups have at most `group_elements`: a step is one group
+    where a group is larger than _SUB_BLOCK_ELEMENTS."""
+    return SCRATCH_BYTES_PER_ELEMENT * max(_SUB_BLOCK_ELEMENTS, group_elements)
+
+
 # Shared by all threads: the cached gather indexes (int32, one step each, at most _GATHER_CACHE of them).
 _GATHER_CACHE = 16
 GATHER_INDEX_BYTES = _GATHER_CACHE * 4 * _SUB_BLOCK_ELEMENTS

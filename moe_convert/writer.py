@@ -168,6 +168,11 @@ class WriteThreads:
         if self.error is not None:
             raise self.error
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether close(cancel=True) has begun: a job waiting for more work must stop."""
+        return self._cancelled
+
     def close(self, *, cancel: bool = False) -> None:
         """Finish (or, cancelling, skip) the queued work and stop the threads; raise the first error."""
         self._cancelled = self._cancelled or cancel
