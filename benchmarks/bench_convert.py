@@ -16,7 +16,9 @@ the unquantized conversion of the same mapping (`t / t_unquantized`). Every comm
 to its own output dir, deleted (untimed) before each run. A run's time is the command plus a `sync`
 right after it (our converter fsyncs its files, cp and the naive one leave dirty pages; `--no_sync`
 times the command alone); a `sync` before each run starts it clean. Peak memory is the largest
-RssAnon summed over the command's process tree, polled from /proc every ~20 ms, as is the time to
+PSS of anonymous and shared memory (Pss_Anon + Pss_Shmem) summed over the command's process tree, so
+pages the quantize workers share with the converter count once (before 2026-12-01: RssAnon, the same
+number for one process), polled from /proc every ~20 ms, as is the time to
 the first output byte (a file in the output dir with data on disk). The page cache cannot be dropped
 here, so each command runs `--warmup` times (default 1, untimed) before the timed rounds: the numbers
 are warm-cache numbers (the sources fit in RAM).
@@ -282,25 +284,29 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
-def rss_anon_kb(pid: int) -> int:
+def memory_kb(pid: int) -> int:
+    """A process's share of anonymous and shared memory: Pss_Anon + Pss_Shmem (a page shared by n processes
+    counts 1/n in each, so a tree's sum counts it once: the quantize workers share the read buffers and the
+    pages they were forked with). Without smaps_rollup, RssAnon + RssShmem."""
     try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("Pss_Anon:", "Pss_Shmem:")))
+        if fields:
+            return sum(int(v.split()[0]) for v in fields.values())
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0  # gone, or a zombie (no memory lines)
+            return sum(int(line.split()[1]) for line in f if line.startswith(("RssAnon:", "RssShmem:")))
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+        return 0  # gone, or a zombie (no memory lines)
 
 
-def tree_rss_anon_kb(root: int) -> int:
+def tree_memory_kb(root: int) -> int:
     total, stack, seen = 0, [root], set()
     while stack:
         pid = stack.pop()
         if pid in seen:
             continue
         seen.add(pid)
-        total += rss_anon_kb(pid)
+        total += memory_kb(pid)
         stack += children_of(pid)
     return total
 
@@ -310,7 +316,7 @@ class RunResult:
     seconds: float  # what the table reports: command_seconds + sync_seconds, or without --no_sync
     command_seconds: float  # the command alone
     sync_seconds: float  # the `sync` right after it: flushing what it left dirty in the page cache
-    peak_anon_mb: float
+    peak_memory_mb: float
     bytes_out: int
     returncode: int
     first_byte_s: float  # when a file in the output dir first had data on disk (NaN: never seen)
@@ -346,7 +352,7 @@ def run_measured(argv: list[str], out_dir: Path, log_path: Path, count_sync: boo
         def poll() -> None:
             nonlocal peak_kb, first_byte
             while not stop.is_set():
-                peak_kb = max(peak_kb, tree_rss_anon_kb(proc.pid))
+                peak_kb = max(peak_kb, tree_memory_kb(proc.pid))
                 if first_byte != first_byte and has_data(out_dir):
                     first_byte = time.perf_counter() - t0
                 stop.wait(POLL_INTERVAL_S)
@@ -437,7 +443,7 @@ def run_round_robin(ckpt: Checkpoint, cmds: list[Command], args: argparse.Namesp
             log(
                 f"[{ckpt.layers}L {phase} {i + 1}] {cmd.label:30s} {res.command_seconds:7.2f} s "
                 f"+ sync {res.sync_seconds:5.2f} s  first byte {res.first_byte_s:5.2f} s  "
-                f"peak anon {res.peak_anon_mb:8.0f} MB  out {human_bytes(res.bytes_out):>9s}  {status}"
+                f"peak mem {res.peak_memory_mb:8.0f} MB  out {human_bytes(res.bytes_out):>9s}  {status}"
             )
             if phase == "timed":
                 cmd.runs.append(res)
@@ -510,7 +516,7 @@ class Row:
     gb_per_s: float  # bytes_out / median_s
     vs_dd: float  # gb_per_s over the best dd oflag=direct speed
     first_byte_s: float  # median
-    peak_anon_mb: float  # max over the timed runs
+    peak_memory_mb: float  # max over the timed runs
     failed_runs: int
     runs: list[RunResult]
     precision: str = "none"
@@ -545,7 +551,7 @@ def summarize(model: str, ckpt: Checkpoint, cmds: list[Command], dd_gb_per_s: fl
                 gb_per_s=rate,
                 vs_dd=rate / dd_gb_per_s if dd_gb_per_s > 0 else nan,
                 first_byte_s=statistics.median(first) if first else nan,
-                peak_anon_mb=max((r.peak_anon_mb for r in ok), default=nan),
+                peak_memory_mb=max((r.peak_memory_mb for r in ok), default=nan),
                 failed_runs=len(cmd.runs) - len(ok),
                 runs=cmd.runs,
                 precision=cmd.precision,
@@ -574,7 +580,7 @@ def markdown_tables(rows: list[Row], repeat: int, disks: list[DiskSpeed]) -> str
         lines += [f"`dd if=/dev/zero oflag=direct` + `sync` on the same disk (median, then each): {speeds}.", ""]
     lines += [
         f"| model | command | bytes in | bytes out | seconds (median of {repeat}) | fastest-slowest "
-        "| first byte s | t / (t_cp * out/in) | t / t_unquantized | GB/s out | / dd | peak anon MB |",
+        "| first byte s | t / (t_cp * out/in) | t / t_unquantized | GB/s out | / dd | peak mem MB |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
@@ -584,15 +590,15 @@ def markdown_tables(rows: list[Row], repeat: int, disks: list[DiskSpeed]) -> str
             f"| {r.model} ({r.layers}L) | `{r.label}`{failed} | {human_bytes(r.bytes_in)} "
             f"| {human_bytes(r.bytes_out)} | {r.median_s:.2f} | {r.spread_s[0]:.2f}-{r.spread_s[1]:.2f} "
             f"| {r.first_byte_s:.2f} | {r.ratio_vs_cp:.2f} | {vs_plain} | {r.gb_per_s:.2f} | {r.vs_dd:.2f} "
-            f"| {r.peak_anon_mb:.0f} |"
+            f"| {r.peak_memory_mb:.0f} |"
         )
     one_layer = {r.label: r for r in rows if r.layers == 1}
     scaling = [(one_layer[r.label], r) for r in rows if r.layers == 2 and r.kind != "cp" and r.label in one_layer]
     if scaling:
-        lines += ["", "| command | peak anon 1L MB | peak anon 2L MB | 2L / 1L |", "|---|--:|--:|--:|"]
+        lines += ["", "| command | peak mem 1L MB | peak mem 2L MB | 2L / 1L |", "|---|--:|--:|--:|"]
         for r1, r2 in scaling:
-            ratio = r2.peak_anon_mb / r1.peak_anon_mb if r1.peak_anon_mb > 0 else float("nan")
-            lines.append(f"| `{r1.label}` | {r1.peak_anon_mb:.0f} | {r2.peak_anon_mb:.0f} | {ratio:.2f} |")
+            ratio = r2.peak_memory_mb / r1.peak_memory_mb if r1.peak_memory_mb > 0 else float("nan")
+            lines.append(f"| `{r1.label}` | {r1.peak_memory_mb:.0f} | {r2.peak_memory_mb:.0f} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
