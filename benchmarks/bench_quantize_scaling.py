@@ -2,9 +2,10 @@
 
 Each worker quantizes its own full-width Mixtral-8x7B expert weight (`[14336, 4096]` bf16, int8, the
 interleaved layout every MoE weight uses) three times, in 4 MB blocks into a reused buffer as the
-executor's quantize pool does (`bench_quantize.run_once`), one torch thread per op; all workers start
-together. Prints GB/s of bf16 input in all and per worker. Threads share the GIL (between a step's torch
-ops a thread holds it); processes do not, so the gap between the two lines is what the GIL costs.
+executor's quantize workers do (`bench_quantize.run_once`); all workers start together. Prints GB/s of
+bf16 input in all and per worker. Threads share the GIL (between a step's numpy calls a thread holds it);
+processes do not, so the gap between the two lines is what the GIL costs (why the quantize pool forks
+worker processes).
 
     python benchmarks/bench_quantize_scaling.py 1,2,4,8,16
 """
@@ -16,21 +17,20 @@ import sys
 import threading
 from typing import Any
 
-import torch
-from bench_quantize import run_once  # this folder is on sys.path when a script here runs
+import numpy as np
+from bench_quantize import bf16_rows, run_once  # this folder is on sys.path when a script here runs
 
 ROWS, K, BLOCK_ROWS, REPEATS = 14336, 4096, 512, 3
 NBYTES = ROWS * K * 2 * REPEATS
 
 
-def prepare() -> torch.Tensor:
-    torch.set_num_threads(1)
-    rows = (torch.randn(ROWS, K, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+def prepare() -> np.ndarray:
+    rows = bf16_rows(ROWS, K)
     run_once(rows[:BLOCK_ROWS], "int8", 80, 3, BLOCK_ROWS)  # warm up: scratch buffers, gather index
     return rows
 
 
-def timed(rows: torch.Tensor, barrier: Any) -> float:
+def timed(rows: np.ndarray, barrier: Any) -> float:
     barrier.wait()
     return sum(run_once(rows, "int8", 80, 3, BLOCK_ROWS)[0] for _ in range(REPEATS))
 

@@ -29,7 +29,7 @@ from .units import count, human_bytes
 from .weight_only import GATHER_INDEX_BYTES
 from .writer import staging_buffer_bytes, write_thread_count
 
-# Interpreter, numpy and the plan itself (torch too when quantizing): peak RssAnon 149 MB converting the
+# Interpreter, numpy and the plan itself: peak RssAnon 149 MB converting the
 # tiny example, 173-200 MB for full-width layers; rounded up so the bound stays a bound for large plans.
 BASE_MEMORY_BYTES = 256 * 2**20
 # config.json of the output is about 1 KB; the manifest's sha256 strings are null in a dry run.
@@ -304,11 +304,12 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     rank file has writer.DEPTH staging buffers (1 on small hosts, 2 from 8 cores) of at most 1 MiB (small
     hosts) or 8 MiB, shrinking so that all of them fit in 256 MiB. All jobs of a batch share the pass, so
     their rank files count together. Weight-only quantization adds the quantize pool (quantize_pool.py:
-    its block buffers and each thread's scratch), per write thread what quantizing one row group a chunk
-    left open takes (lane_group_bytes), once the cached gather indexes (GATHER_INDEX_BYTES), and per
-    rank file the scales of the quantized weights being filled (at most two at a time: a weight's sources
-    are read before the next weight's, except where a fused gate_up source feeds two). Nothing else grows
-    with the model. So:
+    its slots' stored bytes, and per worker process its scratch, input buffer, gather indexes and own
+    pages; the read buffers become shared memory its workers read, counted once), per write thread what
+    quantizing one row group a chunk left open takes (lane_group_bytes), the converter's own cached gather
+    indexes (GATHER_INDEX_BYTES), and per rank file the scales of the quantized weights being filled (at
+    most two at a time: a weight's sources are read before the next weight's, except where a fused gate_up
+    source feeds two). Nothing else grows with the model. So:
 
         bound = base + 2 * chunk_bytes + write_threads * (block + one row group's quantizing)
                 + rank_files * depth * staging_buffer + quantize pool + gather indexes + rank_files * 2 * largest scales
@@ -321,7 +322,7 @@ def memory_bound(plans: Sequence[Plan], *, workers: int | None, chunk_bytes: int
     if scales:
         weights = [t.quantized.tensor() for p in plans for r in p.ranks for t in r.tensors if t.quantized and t.pieces]
         group = max(qt.group * qt.shape[-1] for qt in weights)
-        pool = quantize_pool.memory_bytes(quantize_pool.thread_count(), group)
+        pool = quantize_pool.memory_bytes(quantize_pool.worker_count(), group)
         quantize = pool + threads * lane_group_bytes(group) + GATHER_INDEX_BYTES + n_files * 2 * max(scales)
     bound = BASE_MEMORY_BYTES + READ_BUFFERS * chunk_bytes + threads * CAST_BLOCK_BYTES + staging + quantize
     return {

@@ -5,10 +5,11 @@ front, see writer.py) and hands the work to the files' lanes (write threads): a 
 byte range of the source is read by the lane straight into the file's staging buffer; the others are
 read by the main thread in chunks of at most `chunk_bytes` into one of two reused buffers, and the
 lanes slice and cast their pieces (numpy, on the elements' raw bits: casts.py) from it a few MB at a
-time. A piece of a weight-only quantized weight is cut by its lane into blocks of whole row groups, which
-the quantize pool (quantize_pool.py) casts to the model dtype and quantizes on every core; the lane writes
-their bytes in row order through the weight's QuantizedOutput (quantize_stream.py), and at the end the
-scales. Memory stays bounded whatever the model size.
+time. A piece of a weight-only quantized weight is cut by the main thread into blocks of whole row groups
+as soon as its chunk is read, which the quantize pool's worker processes (quantize_pool.py) cast to the
+model dtype and quantize on every core, reading them where they were read (the read buffers are memory
+shared with them); the lane writes their bytes in row order through the weight's QuantizedOutput
+(quantize_stream.py), and at the end the scales. Memory stays bounded whatever the model size.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import profiling, writer
+from . import profiling, quantize_pool, writer
 from .casts import Cast, cast_function
 from .header import TensorInfo, itemsize
 from .plan import Box, Plan, PlannedTensor, RankPlan
 from .quantize_pool import BLOCK_BYTES, Feed, QuantizePool, Quantizing
-from .quantize_pool import thread_count as quantize_thread_count
 from .quantize_stream import QuantizedOutput
 from .reading import BITS, chunk_boxes, contiguous_run
 from .reading import SourceReader as _SourceReader
@@ -79,13 +79,20 @@ class _ReadBuffers:
     the last ones. A buffer is reused only once every lane job cutting from it has finished (or been skipped).
     """
 
-    def __init__(self, chunk_bytes: int, check: Callable[[], None], count: int) -> None:
+    def __init__(
+        self,
+        chunk_bytes: int,
+        check: Callable[[], None],
+        count: int,
+        make: Callable[[int], memoryview] | None = None,
+    ) -> None:
         self.chunk_bytes, self.check, self.count = chunk_bytes, check, count
-        self.free: list[bytearray] = []
+        self.make = make  # the k-th buffer (the quantize pool's shared ones), else a bytearray
+        self.free: list[bytearray | memoryview] = []
         self.made = 0
         self.cond = threading.Condition()
 
-    def take(self, n: int) -> bytearray:
+    def take(self, n: int) -> bytearray | memoryview:
         with self.cond:
             t0 = profiling.clock()
             while not self.free and self.made >= self.count:
@@ -95,11 +102,11 @@ class _ReadBuffers:
             if self.free:
                 buf = self.free.pop()
             else:
+                buf = self.make(self.made) if self.make else bytearray(self.chunk_bytes)
                 self.made += 1
-                buf = bytearray(self.chunk_bytes)
         return buf if len(buf) >= n else bytearray(n)  # only a chunk larger than chunk_bytes: never in practice
 
-    def lend(self, buf: bytearray, jobs: int) -> Callable[[], None]:
+    def lend(self, buf: bytearray | memoryview, jobs: int) -> Callable[[], None]:
         """Hand `buf` to `jobs` lane jobs; returns what each job calls when done with it."""
         left = jobs
 
@@ -119,7 +126,6 @@ class _Context:
     reader: _SourceReader
     lanes: WriteThreads
     buffers: _ReadBuffers
-    torch_threads: _TorchThreads
     on_bytes: Callable[[int], None]  # thread-safe
     quantize_pool: QuantizePool | None  # None: the plans quantize nothing
 
@@ -151,9 +157,8 @@ def _scatter(ctx: _Context, info: TensorInfo, targets: list[_Target]) -> None:
             view = data[tuple(slice(s - c0, e - c0) for (s, e), (c0, _) in zip(sub, chunk, strict=False))]
             cast = cast_function(info.dtype, t.dtype)
             if t.quantized is not None:
-                ctx.torch_threads.one()
                 first = t.first + _element_offset(sub, t.box)
-                _submit_quantized(ctx, view, t, first, cast, info.dtype == t.dtype, done)
+                _submit_quantized(ctx, view, t, first, info.dtype, done)
             else:
                 offset = t.offset + _element_offset(sub, t.box) * itemsize(t.dtype)
                 ctx.lanes.submit(t.writer.lane, functools.partial(_write_piece, ctx, view, t, offset, cast), done)
@@ -169,30 +174,6 @@ def _block(item: int) -> np.ndarray:
     if item not in buffers:
         buffers[item] = np.empty(CAST_BLOCK_BYTES // item, dtype=BITS[item])
     return buffers[item]
-
-
-class _TorchThreads:
-    """Weight-only quantization runs torch on the quantize pool's threads, which already run in parallel:
-    torch gets one thread per op for the conversion, restored after (with its default threads on top, 4 MB
-    torch casts took 6-10x longer on 2 cores, measured). Nothing else in a conversion imports torch."""
-
-    def __init__(self) -> None:
-        self.restore = 0
-
-    def one(self) -> None:
-        """Called by the main thread before it hands a lane quantization work."""
-        if not self.restore:
-            import torch
-
-            self.restore = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def close(self) -> None:
-        if self.restore:
-            import torch
-
-            torch.set_num_threads(self.restore)
-            self.restore = 0
 
 
 def _cast_blocks(view: np.ndarray, item: int, cast: Cast, limit: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -218,22 +199,20 @@ def _write_piece(ctx: _Context, view: np.ndarray, t: _Target, offset: int, cast:
 
 
 def _submit_quantized(
-    ctx: _Context, view: np.ndarray, t: _Target, first: int, cast: Cast, same_dtype: bool, done: Callable[[], None]
+    ctx: _Context, view: np.ndarray, t: _Target, first: int, source: str, done: Callable[[], None]
 ) -> None:
-    """On the main thread: hand the quantize pool `view` (elements [first, ...) of a quantized weight's rows)
-    in blocks of whole row groups, and the lane a job that writes their results in row order. With
-    `same_dtype` (a source in the model dtype) contiguous blocks are quantized where they are, uncopied."""
+    """On the main thread: hand the quantize pool `view` (elements [first, ...) of a quantized weight's rows,
+    raw bits of dtype `source`) in blocks of whole row groups, and the lane a job that writes their results
+    in row order."""
     q, pool = t.quantized, ctx.quantize_pool
     assert q is not None and pool is not None
+    cast = cast_function(source, t.dtype)
     feed = Feed(lambda: ctx.lanes.cancelled)
     ctx.lanes.submit(t.writer.lane, functools.partial(_write_quantized, ctx, feed, t, cast), done)
     complete = False
     try:
         for start, part, pooled in _quantize_blocks(view, first, q, itemsize(t.dtype)):
-            if pooled:
-                feed.put(pool.submit(q, start, part, None if same_dtype and part.flags.c_contiguous else cast))
-            else:
-                feed.put((start, part))
+            feed.put(pool.submit(q, start, part, source) if pooled and pool.shares(part) else (start, part))
         complete = True
     finally:
         feed.close(complete)
@@ -329,6 +308,7 @@ def execute_plans(
     rank file written.
     """
     n_files = sum(len(job.ranks()) for job in jobs)
+    quantize_pool = _start_quantize_pool(jobs, chunk_bytes)  # first: it forks its workers before threads start
     prof = profiling.begin()
     lanes = WriteThreads(write_thread_count(workers, n_files))
     buffer_bytes = staging_buffer_bytes(n_files)
@@ -336,8 +316,7 @@ def execute_plans(
     io = ThreadPoolExecutor(n_io, thread_name_prefix="moe-convert-io") if n_io else None
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
-    quantize_pool: QuantizePool | None = None
-    torch_threads = _TorchThreads()
+    failed = False
     try:
         by_source: dict[str, list[_Target]] = {}
         made = 0
@@ -366,10 +345,12 @@ def execute_plans(
             with lock:
                 on_bytes(n)
 
-        if any(t.quantized for targets in by_source.values() for t in targets):
-            quantize_pool = QuantizePool(quantize_thread_count(), lanes.check)
-        buffers = _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS)
-        ctx = _Context(reader, lanes, buffers, torch_threads, counted, quantize_pool)
+        make_buffer = None
+        if quantize_pool is not None:
+            quantize_pool.check = lanes.check
+            make_buffer = quantize_pool.arena.read_buffer  # where the pool's workers can read the chunks
+        buffers = _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS, make_buffer)
+        ctx = _Context(reader, lanes, buffers, counted, quantize_pool)
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
             _scatter(ctx, tensors[n], by_source[n])
@@ -382,6 +363,7 @@ def execute_plans(
         prof.add("wait_lanes", t0)
         return [[commit_when_done.results[w] for w in ws] for ws in writers]
     except BaseException:
+        failed = True
         lanes.close(cancel=True)  # before closing descriptors a lane may still be using
         for ws in writers:
             for w in ws:
@@ -394,13 +376,21 @@ def execute_plans(
         raise
     finally:
         if quantize_pool is not None:  # the lanes have stopped, and with them every use of the pool
-            quantize_pool.close()
-        torch_threads.close()
+            quantize_pool.close(cancel=failed)
         if io is not None:
             io.shutdown()
         if reader is not None:
             reader.close()
         profiling.end(f"{n_files} rank files, {lanes.count} write threads, {buffer_bytes >> 10} KiB staging")
+
+
+def _start_quantize_pool(jobs: Sequence[WriteJob], chunk_bytes: int) -> QuantizePool | None:
+    """The quantize pool, if any job quantizes: its arena holds the read buffers too."""
+    if not any(t.quantized for job in jobs for r in job.ranks() for t in r.tensors):
+        return None
+    workers = quantize_pool.worker_count()
+    arena = quantize_pool.Arena(READ_BUFFERS, chunk_bytes, quantize_pool.slot_count(workers))
+    return QuantizePool(workers, arena, lambda: None, processes=quantize_pool.use_processes())
 
 
 def _targets(w: RankFileWriter, t: PlannedTensor, stage: int) -> list[tuple[_Target, str]]:

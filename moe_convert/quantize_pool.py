@@ -1,136 +1,342 @@
-"""Threads that quantize for all lanes, so one weight's rows are quantized on every core at once.
+"""Worker processes that quantize for all lanes, so one weight's rows are quantized on every core at once.
 
-A lane owns whole rank files, and under tp8/moe_ep8 all of an expert's weights go to one file: with the
-lanes quantizing their own chunks, a 16-core host had ~1.4 cores quantizing at a time (measured, issue 14).
-So the main thread, as soon as it has read a chunk, cuts each quantized piece of it into blocks of whole
-row groups and hands them to this pool, which gathers and casts them (numpy) and quantizes them (torch),
-both outside the GIL; it hands the lane a Feed of the results in row order, which the lane writes into
-its file as they come back. Whole row groups are independent (weight_only.py), so any thread may take any
-block, and the pool works on the next chunks while lanes still write the last ones (when lanes cut the
-blocks, a lane's chunk went to the pool only after its previous one was written: the pool idled half the
-time on the 16-core host, measured).
+A lane owns whole rank files, and under tp8/moe_ep8 all of an expert's weights go to one file, so the
+quantizing is shared out: as soon as the main thread has read a chunk, it cuts each quantized piece of it
+into blocks of whole row groups and hands them to this pool; the lane gets a Feed of the results in row
+order and writes them into its file as they come back. Whole row groups are independent (weight_only.py),
+so any worker may take any block, and the workers quantize the next chunks while lanes still write the
+last ones.
 
-Memory: a block is quantized into one of `slot_count` reused buffers (its stored bytes, and its input
-when it needs a gather or cast first), and each thread keeps weight_only's scratch for one step. The main
-thread waits for a free slot; slots come back as lanes write their results, which needs only the pool's
-threads, so the wait always ends.
+Processes, not threads: between a step's torch ops a thread holds the GIL, and in a conversion the GIL is
+also wanted by 8 write threads, 8 I/O threads and the reader. On the 16-core host 8 quantizing threads got
+0.16 GB/s each (1.3 GB/s in all) where one alone gets 0.4-0.8, and the conversion took 1.5-2.4x the
+unquantized time depending on the instance (measured, issue 14). The workers are forked from the
+converter once torch is imported (they share its pages and start in milliseconds), before the lanes
+start, and read the blocks where the main thread read them: the read buffers and the blocks' stored bytes
+live in one anonymous shared mapping made before the fork (the Arena), so a task is a few hundred bytes
+and no block is copied between processes. Workers ignore SIGINT (the converter handles it and stops
+them), die with the converter (PR_SET_PDEATHSIG, and a parent check), and a worker's death fails the
+conversion in one line. Where fork is not available, the same tasks run on threads.
+
+Memory: the Arena (the read buffers, which the converter has anyway, and `slot_count` blocks' stored
+bytes) and per worker weight_only's scratch, an input buffer for blocks that need a gather or cast, and
+what a forked worker copies of the converter's pages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
+import multiprocessing
 import os
-import queue
+import signal
+import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
 from . import profiling
-from .casts import Cast
+from .casts import cast_function
+from .errors import MoeConvertError
 from .header import itemsize
-from .quantize_stream import QuantizedOutput, Sink
+from .quantize_stream import QuantizedOutput, Sink, quantize_groups
 from .reading import BITS
-from .weight_only import scratch_bytes
+from .weight_only import GATHER_INDEX_BYTES, QuantizedTensor, scratch_bytes
 
 # The input a block may have (model-dtype bytes), and so its stored bytes (at most half: int8 of 2-byte
 # values; float32 models give a quarter).
 BLOCK_BYTES = 4 * 2**20
-SLOT_BYTES = BLOCK_BYTES + BLOCK_BYTES // 2
+STORED_BYTES = BLOCK_BYTES // 2
+# What a forked worker holds beyond its buffers: the converter's pages it writes to (Python objects whose
+# reference counts change, numpy's state). Measured: 24 MB of Pss_Anon per worker, buffers included
+# (1-layer Mixtral-8x7B tp8/moe_ep8 int8 on the 2-core VM).
+WORKER_BASE_BYTES = 16 * 2**20
 
 
-def thread_count() -> int:
-    """One per core, at most 8: between a step's torch ops a thread holds the GIL, and each holds
-    its scratch (16 threads quantized less than 8 on the 16-core host, measured)."""
+def worker_count() -> int:
+    """One per core, at most 8 (the lanes, the reader and the I/O threads need cores too)."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def slot_count(threads: int) -> int:
-    """Enough for the blocks of both read buffers' chunks (2 x 64 MiB in 4 MiB blocks on 8 threads), so
-    the threads have the next chunk's blocks queued while lanes write the last one's."""
-    return 4 * threads
+def slot_count(workers: int) -> int:
+    """Enough for the blocks of both read buffers' chunks (2 x 64 MiB in 4 MiB blocks on 8 workers), so
+    the workers have the next chunk's blocks queued while lanes write the last one's."""
+    return 4 * workers
 
 
-def memory_bytes(threads: int, group_elements: int) -> int:
-    """What the pool holds at most, for row groups of at most `group_elements`: its slots, and each
-    thread's scratch."""
-    return slot_count(threads) * SLOT_BYTES + threads * scratch_bytes(group_elements)
+def memory_bytes(workers: int, group_elements: int) -> int:
+    """What the pool holds beyond the read buffers, for row groups of at most `group_elements`: the slots'
+    stored bytes, and per worker its scratch, its input buffer, its gather indexes and its own pages."""
+    per_worker = scratch_bytes(group_elements) + BLOCK_BYTES + GATHER_INDEX_BYTES + WORKER_BASE_BYTES
+    return slot_count(workers) * STORED_BYTES + workers * per_worker
 
 
-class _Slot:
-    """One block's buffers, reused: its stored bytes, and (made at its first gathered or cast block) its
-    model-dtype elements."""
+def use_processes() -> bool:
+    """Fork workers where fork is safe to use with torch: Linux."""
+    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
 
-    def __init__(self) -> None:
-        self.stored = np.empty(SLOT_BYTES - BLOCK_BYTES, dtype=np.uint8)
-        self.values: np.ndarray | None = None
 
-    def input(self) -> np.ndarray:
-        if self.values is None:
-            self.values = np.empty(BLOCK_BYTES, dtype=np.uint8)
-        return self.values
+class Arena:
+    """One anonymous shared mapping, made before the workers are forked so that they share it: the read
+    buffers, then each slot's stored bytes."""
+
+    def __init__(self, read_buffers: int, chunk_bytes: int, slots: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.read_end = read_buffers * chunk_bytes
+        self.map = mmap.mmap(-1, self.read_end + slots * STORED_BYTES)  # MAP_SHARED: pages made when touched
+        self.base = np.frombuffer(self.map, dtype=np.uint8)
+        self.address = self.base.ctypes.data
+
+    def read_buffer(self, index: int) -> memoryview:
+        return memoryview(self.map)[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+
+    def stored(self, slot: int) -> int:
+        """The arena offset of slot `slot`'s stored bytes."""
+        return self.read_end + slot * STORED_BYTES
+
+    def locate(self, part: np.ndarray) -> int | None:
+        """The arena offset of `part`'s first element, if all of it lies in the read buffers."""
+        first = part.ctypes.data - self.address
+        low = first + sum(s * (n - 1) for s, n in zip(part.strides, part.shape, strict=True) if s < 0)
+        high = first + sum(s * (n - 1) for s, n in zip(part.strides, part.shape, strict=True) if s > 0)
+        return first if part.size and low >= 0 and high + part.itemsize <= self.read_end else None
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A block for a worker: where its elements are in the arena, and where its stored bytes go."""
+
+    tid: int
+    qt: QuantizedTensor
+    start: int  # the block's first element in the weight's rows
+    source: str  # dtype code of the elements as read
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    stored: int
+
+
+def _quantize_task(base: np.ndarray, scratch: np.ndarray, task: _Task) -> bytes:
+    """In a worker: gather and cast the block into `scratch` (unless it already is the model dtype's
+    contiguous elements: then it is read where it is), quantize it into its slot; returns the scale bytes."""
+    part = np.ndarray(
+        task.shape, dtype=BITS[itemsize(task.source)], buffer=base, offset=task.offset, strides=task.strides
+    )
+    qt = task.qt
+    if task.source == qt.dtype and part.flags.c_contiguous:
+        values = part.reshape(-1)
+    else:
+        values = scratch.view(BITS[itemsize(qt.dtype)])[: part.size]
+        cast_function(task.source, qt.dtype)(values.reshape(part.shape), part)
+    _, scales = quantize_groups(qt, task.start, values, base[task.stored : task.stored + STORED_BYTES])
+    return scales.tobytes()
+
+
+def _worker(arena: mmap.mmap, tasks: Connection, parent: int) -> None:
+    """A worker process's life: quantize tasks until told to stop, or until the converter is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the converter stops us
+    with contextlib.suppress(OSError, AttributeError):  # die with the converter even if it is killed
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    base = np.frombuffer(arena, dtype=np.uint8)
+    scratch = np.empty(BLOCK_BYTES, dtype=np.uint8)
+    while True:
+        if not tasks.poll(1.0):
+            if os.getppid() != parent:
+                return
+            continue
+        task = tasks.recv()
+        if task is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            reply: tuple[object, ...] = (task.tid, _quantize_task(base, scratch, task), None)
+        except Exception as e:  # every error goes back to the converter, which reports it
+            reply = (task.tid, None, _portable(e))
+        tasks.send((*reply, time.perf_counter() - t0))
+
+
+def _portable(e: Exception) -> Exception:
+    """`e`, if it survives pickling (our errors and the builtins do), else its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 class QuantizePool:
-    """`threads` quantizing threads and `slot_count(threads)` block buffers, shared by every lane."""
+    """`workers` quantizing processes (threads where fork is unavailable) and `slot_count(workers)` block
+    slots in `arena`, shared by every lane."""
 
-    def __init__(self, threads: int, check: Callable[[], None]) -> None:
+    def __init__(self, workers: int, arena: Arena, check: Callable[[], None], processes: bool = True) -> None:
+        self.arena = arena
         self.check = check  # raises the conversion's first error (a waiting thread must not wait forever)
-        self.executor = ThreadPoolExecutor(
-            threads, thread_name_prefix="moe-convert-quantize", initializer=profiling.current.thread_start
-        )
-        self.slots = slot_count(threads)
-        self.free: list[_Slot] = []
-        self.made = 0
+        self.slots = slot_count(workers)
+        self.free = list(range(self.slots))
         self.cond = threading.Condition()
+        self.pending: dict[int, tuple[Future[bytes], int]] = {}  # task -> (its future, its worker)
+        self.next_tid = 0
+        self.broken: BaseException | None = None
+        self.closing = False
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.conns: list[Connection] = []
+        self.load: list[int] = []
+        self.threads: ThreadPoolExecutor | None = None
+        if processes:
+            self._fork(workers)
+            self.collector = threading.Thread(target=self._collect, name="moe-convert-collect", daemon=True)
+            self.collector.start()
+        else:
+            self.threads = ThreadPoolExecutor(workers, thread_name_prefix="moe-convert-quantize")
+            self.local = threading.local()
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+    def _fork(self, workers: int) -> None:
+        ctx = multiprocessing.get_context("fork")
+        for k in range(workers):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker, args=(self.arena.map, theirs, os.getpid()), name=f"moe-convert-quantize{k}", daemon=True
+            )
+            with warnings.catch_warnings():  # Python 3.12+ warns on fork with threads; a worker runs only _worker
+                warnings.simplefilter("ignore", DeprecationWarning)
+                proc.start()
+            theirs.close()
+            self.procs.append(proc)
+            self.conns.append(mine)
+            self.load.append(0)
 
-    def submit(self, q: QuantizedOutput, start: int, part: np.ndarray, cast: Cast | None) -> Quantizing:
-        """Quantize `part`, elements [start, ...) of `q`'s rows, whole row groups, before the cast (None:
-        `part` is contiguous and in the model dtype already). Waits for a free slot. `part` must stay as
-        it is until the result is written or abandoned."""
+    def close(self, cancel: bool = False) -> None:
+        """Stop the workers: after their tasks, or (`cancel`) at once."""
+        self.closing = True
+        if self.threads is not None:
+            self.threads.shutdown(wait=True, cancel_futures=True)
+            return
+        for conn, proc in zip(self.conns, self.procs, strict=True):
+            if cancel:
+                proc.kill()
+            else:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.collector.join()
+        for conn in self.conns:
+            conn.close()
+
+    def shares(self, part: np.ndarray) -> bool:
+        """Whether the pool can read `part` where it is (it lies in the arena's read buffers)."""
+        return self.arena.locate(part) is not None
+
+    def submit(self, q: QuantizedOutput, start: int, part: np.ndarray, source: str) -> Quantizing:
+        """Quantize `part` (raw bits of dtype `source`, in the arena: see `shares`), elements [start, ...) of
+        `q`'s rows, whole row groups. Waits for a free slot. `part` must stay as it is until the result is
+        written or abandoned."""
+        offset = self.arena.locate(part)
+        assert offset is not None
         slot = self._take()
+        task = _Task(self.next_tid, q.qt, start, source, offset, part.shape, part.strides, self.arena.stored(slot))
+        self.next_tid += 1
         try:
-            future = self.executor.submit(_run, slot, q, start, part, cast)
+            future = self._run(task)
         except BaseException:
             self._give(slot)
             raise
         return Quantizing(self, start, part.size, slot, future)
 
-    def _take(self) -> _Slot:
+    def _run(self, task: _Task) -> Future[bytes]:
+        if self.threads is not None:
+            return self.threads.submit(self._in_thread, task)
+        future: Future[bytes] = Future()
+        with self.cond:
+            if self.broken is not None:
+                raise self.broken
+            k = min(range(len(self.conns)), key=self.load.__getitem__)  # the least loaded worker
+            self.load[k] += 1
+            self.pending[task.tid] = (future, k)
+        try:
+            self.conns[k].send(task)
+        except OSError:  # it died: say so as the collector would
+            raise self._death_error(self.procs[k]) from None
+        return future
+
+    def _in_thread(self, task: _Task) -> bytes:
+        scratch = getattr(self.local, "scratch", None)
+        if scratch is None:
+            scratch = self.local.scratch = np.empty(BLOCK_BYTES, dtype=np.uint8)
+        return _quantize_task(self.arena.base, scratch, task)
+
+    def _collect(self) -> None:
+        """The converter's thread that takes the workers' replies (and notices a worker's death)."""
+        prof = profiling.current
+        alive = {proc.sentinel: proc for proc in self.procs}
+        while alive:
+            ready = wait([*self.conns, *alive], timeout=0.5)
+            for conn in ready:
+                if not isinstance(conn, Connection):
+                    continue
+                try:
+                    tid, scales, error, seconds = conn.recv()
+                except (EOFError, OSError):
+                    continue  # its death is seen by its sentinel
+                prof.add("quantize", profiling.clock() - seconds)
+                with self.cond:
+                    future, k = self.pending.pop(tid, (None, 0))
+                    self.load[k] -= 1
+                if future is None:  # failed already, as the pool broke
+                    continue
+                if error is None:
+                    future.set_result(scales)
+                else:
+                    future.set_exception(error)
+            for sentinel in [s for s in ready if isinstance(s, int)]:
+                proc = alive.pop(sentinel)
+                if not self.closing:
+                    self._fail(proc)
+                    return
+
+    def _death_error(self, proc: multiprocessing.process.BaseProcess) -> MoeConvertError:
+        proc.join(1)  # its sentinel fires before it is reaped
+        code = proc.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        hint = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
+        return MoeConvertError(
+            f"weight-only quantization: a quantize worker process (pid {proc.pid}) {how}{hint}, so the "
+            "conversion stopped; rerun it (--resume keeps the rank files already finished)"
+        )
+
+    def _fail(self, proc: multiprocessing.process.BaseProcess) -> None:
+        error = self._death_error(proc)
+        with self.cond:
+            self.broken = error
+            pending, self.pending = self.pending, {}
+        for future, _ in pending.values():
+            future.set_exception(error)
+
+    def _take(self) -> int:
         with self.cond:
             t0 = profiling.clock()
-            while not self.free and self.made >= self.slots:
+            while not self.free:
                 self.check()
                 self.cond.wait(0.1)
             profiling.current.add("slot_wait", t0)
-            if self.free:
-                return self.free.pop()
-            self.made += 1
-        return _Slot()
+            return self.free.pop()
 
-    def _give(self, slot: _Slot) -> None:
+    def _give(self, slot: int) -> None:
         with self.cond:
             self.free.append(slot)
             self.cond.notify()
-
-
-def _run(
-    slot: _Slot, q: QuantizedOutput, start: int, part: np.ndarray, cast: Cast | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """On a pool thread: gather and cast `part` into the slot (unless it already is the model dtype's
-    contiguous elements: then it is read where it is), then quantize it."""
-    if cast is None:
-        values = part.reshape(-1)
-    else:
-        values = slot.input().view(BITS[itemsize(q.qt.dtype)])[: part.size]
-        t0 = profiling.clock()
-        cast(values.reshape(part.shape), part)
-        profiling.current.add("gather_cast", t0, values.nbytes)
-    return q.quantize_groups(start, values, slot.stored)
 
 
 @dataclass
@@ -140,14 +346,16 @@ class Quantizing:
     pool: QuantizePool
     start: int
     n: int
-    slot: _Slot
-    future: Future[tuple[np.ndarray, np.ndarray]]
+    slot: int
+    future: Future[bytes]
 
     def write(self, q: QuantizedOutput, writer: Sink) -> None:
         try:
             t0 = profiling.clock()
-            data, scales = self.future.result()
+            scales = np.frombuffer(self.future.result(), dtype=np.uint8)
             profiling.current.add("quantize_wait", t0)
+            stored = self.pool.arena.stored(self.slot)
+            data = self.pool.arena.base[stored : stored + self.n // q.k * q.qt.row_bytes]
             q.add_quantized(self.start, self.n, data, scales, writer)
         finally:
             self.pool._give(self.slot)
@@ -172,7 +380,10 @@ class Feed:
     """One lane job's blocks, in row order, handed over by the main thread as it cuts them."""
 
     def __init__(self, cancelled: Callable[[], bool]) -> None:
+        import queue
+
         self.items: queue.SimpleQueue[FeedItem | bool] = queue.SimpleQueue()
+        self.empty = queue.Empty
         self.cancelled = cancelled  # the conversion is being torn down: stop waiting
 
     def put(self, item: FeedItem) -> None:
@@ -186,7 +397,7 @@ class Feed:
         while True:
             try:
                 item = self.items.get(timeout=0.1)
-            except queue.Empty:
+            except self.empty:
                 if self.cancelled():
                     raise FeedClosed from None
                 continue
@@ -201,7 +412,7 @@ class Feed:
         while True:
             try:
                 item = self.items.get_nowait()
-            except queue.Empty:
+            except self.empty:
                 return
             if isinstance(item, Quantizing):
                 item.abandon()

@@ -7,8 +7,8 @@ is one contiguous byte range of the stored weight); a group cut by a run's edge 
 rows (a few KB). The scales are kept until the last row is in, then written as one tensor: it follows the
 weight in the file, so with rows arriving in order it is streamed as the file's next bytes.
 
-Every call comes from the rank file's own lane, one at a time, so no lock is needed; the one exception,
-`quantize_groups`, which the quantize pool's threads call, touches none of the object's state.
+Every call comes from the rank file's own lane, one at a time, so no lock is needed; `quantize_groups`,
+which the quantize pool's workers call, is a function of the planned tensor alone.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import profiling
-from .header import itemsize, torch_dtype
+from .header import itemsize
 from .weight_only import SCRATCH_BYTES_PER_ELEMENT, QuantizedTensor
 
 # Stored bytes a thread quantizes into at a time (reused): at most a block of model-dtype input per step.
@@ -73,6 +73,22 @@ class DigestSink:
         self.front += len(view)
 
 
+def quantize_groups(
+    qt: QuantizedTensor, start: int, values: np.ndarray, out: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole row groups of `qt` from element `start` (raw bits of the model dtype, contiguous): their stored
+    bytes (in `out`, which must hold them) and their scale bytes. Hand both to `add_quantized`."""
+    k = qt.shape[-1]
+    rows = values.size // k
+    if start % (qt.group * k) or values.size % (qt.group * k):
+        raise ValueError(f"{qt.name}: elements [{start}, {start + values.size}) are not whole row groups")
+    data = out[: rows * qt.row_bytes]
+    t0 = profiling.clock()
+    scales = qt.quantize_bits(values.reshape(rows, k), data)
+    profiling.current.add("quantize", t0, data.size)
+    return data, scales.view(np.uint8)
+
+
 class QuantizedOutput:
     """A quantized weight (and its per_channel_scale) being written into one rank file."""
 
@@ -108,22 +124,6 @@ class QuantizedOutput:
         if pos + whole < end:  # the start of a group that ends elsewhere
             self._hold(pos + whole, rest[whole:], writer)
         self._received(values.size, writer)
-
-    def quantize_groups(self, start: int, values: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Whole row groups from element `start`, on any thread (touches nothing of this object's state):
-        their stored bytes (in `out`, which must hold them) and their scale bytes. Hand both to `add_quantized`."""
-        import torch
-
-        qt = self.qt
-        rows = values.size // self.k
-        if start % self.group_elements or values.size % self.group_elements:
-            raise ValueError(f"{qt.name}: elements [{start}, {start + values.size}) are not whole row groups")
-        x = torch.from_numpy(values).view(torch_dtype(qt.dtype)).view(rows, self.k)
-        data = out[: rows * qt.row_bytes]
-        t0 = profiling.clock()
-        _, scales = qt.quantize_rows(x, out=torch.from_numpy(data))
-        profiling.current.add("quantize", t0, data.size)
-        return data, scales.view(torch.uint8).numpy()
 
     def add_quantized(self, start: int, n: int, data: np.ndarray, scales: np.ndarray, writer: Sink) -> None:
         """The result of `quantize_groups` for `n` elements from `start`: bytes written, scales kept."""
@@ -167,7 +167,7 @@ class QuantizedOutput:
         step = max(qt.group, _OUT_BYTES // qt.row_bytes // qt.group * qt.group) * self.k
         for e0 in range(0, values.size, step):
             part = values[e0 : e0 + step]
-            data, scales = self.quantize_groups(pos + e0, part, _out_buffer(part.size // self.k * qt.row_bytes))
+            data, scales = quantize_groups(qt, pos + e0, part, _out_buffer(part.size // self.k * qt.row_bytes))
             self._store((pos + e0) // self.k, data, scales, writer)
 
     def _store(self, first_row: int, data: np.ndarray, scales: np.ndarray, writer: Sink) -> None:

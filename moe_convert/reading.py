@@ -89,7 +89,7 @@ class SourceReader:
         self.chunk_bytes = chunk_bytes
         self.local = threading.local()
 
-    def read_bits(self, info: TensorInfo, chunk: Box, into: bytearray | None = None) -> np.ndarray:
+    def read_bits(self, info: TensorInfo, chunk: Box, into: bytearray | memoryview | None = None) -> np.ndarray:
         """The chunk's elements as raw bits (a signed integer of the element's size), in `into` or else
         this thread's reused buffer."""
         shape = tuple(e - s for s, e in chunk)

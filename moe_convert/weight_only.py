@@ -16,7 +16,8 @@ hand over any block of whole groups, in any order, and write the result at its o
 The stored weight keeps TensorRT-LLM's shape, `[K, N*b/8]` (or `[E, K, N*b/8]`, int8 dtype), although its
 bytes are in the processed order; `per_channel_scale` is `[N]` (or `[E, N]`) in the model dtype.
 
-This module imports torch only where tensors are touched, so plans and dry runs can use the shapes alone.
+The quantizer is numpy (a conversion does not import torch); the torch wrappers (`quantize_rows`, `quantize`,
+`unpack`, `dequantize`) serve tests and callers holding tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import math
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import CheckpointError, UsageError
 
@@ -49,10 +52,10 @@ _INTERLEAVE = {8: 2, 4: 4}
 # thread holds the GIL, so small steps serialise the write threads. 2 threads on the 2-core VM quantized
 # 0.81 GB/s of bf16 at 128K elements (1 thread: 0.69) and 1.22 GB/s at 1M (1 thread: 0.63); 2M was slower
 # (1.09): its temporaries leave the CPU cache. See docs/weight-only.md (Speed).
-_SUB_BLOCK_ELEMENTS = 1 << 20
-# Per thread, the reused temporaries of one step: x, the stored-order copy and (int8) sign(x) in float32, and
-# for int4 trunc(x), trunc(2x) and the values in int8 and two int16 halves: 17 bytes an element at most.
-SCRATCH_BYTES_PER_ELEMENT = 17
+_SUB_BLOCK_ELEMENTS = 1 << 18
+# Per thread, the reused temporaries of one step: x and copysign(0.5-, x) in float32, the values and their
+# stored-order copy in int8, and for int4 two int16 halves: 12 bytes an element.
+SCRATCH_BYTES_PER_ELEMENT = 12
 SCRATCH_BYTES = SCRATCH_BYTES_PER_ELEMENT * _SUB_BLOCK_ELEMENTS
 
 
@@ -62,9 +65,9 @@ def scratch_bytes(group_elements: int) -> int:
     return SCRATCH_BYTES_PER_ELEMENT * max(_SUB_BLOCK_ELEMENTS, group_elements)
 
 
-# Shared by all threads: the cached gather indexes (int32, one step each, at most _GATHER_CACHE of them).
-_GATHER_CACHE = 16
-GATHER_INDEX_BYTES = _GATHER_CACHE * 4 * _SUB_BLOCK_ELEMENTS
+# Shared by a process's threads: the cached gather indexes (intp, one step each, at most _GATHER_CACHE of them).
+_GATHER_CACHE = 8
+GATHER_INDEX_BYTES = _GATHER_CACHE * 8 * _SUB_BLOCK_ELEMENTS
 
 
 class Layout(enum.Enum):
@@ -272,48 +275,67 @@ class QuantizedTensor:
     def scale_shape(self) -> tuple[int, ...]:
         return self.shape[:-1]
 
-    def quantize_rows(
-        self, rows_RK: torch.Tensor, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize and preprocess a block of whole planned rows.
+    def quantize_bits(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Quantize and preprocess a block of whole planned rows, with numpy (no torch: a conversion never
+        imports it, which takes 1-4 s).
 
         Args:
-            rows_RK: `[R, K]` rows of the planned tensor, in the model dtype, R a multiple of `group`.
-            out: optional uint8 buffer of `R * row_bytes` elements to write the bytes into.
+            rows: `[R, K]` rows of the planned tensor as raw bits of the model dtype (int16 for bf16/fp16,
+                int32 for fp32), R a multiple of `group`.
+            out: uint8, `R * row_bytes`: receives the block's stored bytes (to be written at
+                `first_row * row_bytes`).
 
-        Returns the block's stored bytes (uint8, `R * row_bytes`, to be written at `first_row * row_bytes`)
-        and its scales (`[R]`, model dtype).
+        Returns the block's scales (`[R]`) as raw bits of the model dtype.
         """
-        import torch
+        from .header import itemsize
+        from .reading import BITS
 
-        from .header import DTYPES
-
-        r, k = rows_RK.shape
+        r, k = rows.shape
         if k != self.shape[-1] or r % self.group:
             raise ValueError(
                 f"{self.name}: a block must be whole rows of {self.shape[-1]} elements, a multiple of {self.group} "
-                f"rows; got {list(rows_RK.shape)}"
+                f"rows; got {list(rows.shape)}"
             )
-        dtype = DTYPES[self.dtype]
-        if rows_RK.dtype != dtype:
-            raise ValueError(f"{self.name}: rows must be {dtype} (the model dtype), got {rows_RK.dtype}")
-        if out is None:
-            out = torch.empty(r * self.row_bytes, dtype=torch.uint8)
-        elif out.dtype != torch.uint8 or out.numel() != r * self.row_bytes:
+        item = itemsize(self.dtype)
+        if rows.dtype != BITS[item]:
+            raise ValueError(f"{self.name}: rows must be the raw bits of {self.dtype}, got {rows.dtype}")
+        if out.dtype != np.uint8 or out.size != r * self.row_bytes:
             raise ValueError(f"{self.name}: out must be {r * self.row_bytes} uint8 elements for {r} rows")
-        scales = torch.empty(r, dtype=dtype)
-        amax = torch.empty(r, dtype=torch.float32)
+        scales = np.empty(r, dtype=BITS[item])
+        amax = np.empty(r, dtype=np.float32)
         step = max(self.group, _SUB_BLOCK_ELEMENTS // k // self.group * self.group)
-        for r0 in range(0, r, step):
-            r1 = min(r, r0 + step)
-            out_bytes = out[r0 * self.row_bytes : r1 * self.row_bytes]
-            _quantize_block(rows_RK[r0:r1], self, out_bytes, amax[r0:r1], scales[r0:r1])
-        if not bool(torch.isfinite(amax).all()):
+        with np.errstate(all="ignore"):  # inf / NaN is reported below, as one error naming the tensor
+            for r0 in range(0, r, step):
+                r1 = min(r, r0 + step)
+                out_bytes = out[r0 * self.row_bytes : r1 * self.row_bytes]
+                _quantize_block(rows[r0:r1], self, out_bytes, amax[r0:r1], scales[r0:r1])
+        if not np.isfinite(amax).all():
             raise CheckpointError(
                 f"{self.name}: the weight has inf or NaN values, which weight-only quantization cannot represent "
                 "(TensorRT-LLM would write meaningless bytes); check the source checkpoint"
             )
-        return out, scales
+        return scales
+
+    def quantize_rows(
+        self, rows_RK: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`quantize_bits` on torch tensors (tests, the API): `[R, K]` rows in the model dtype, an optional
+        uint8 buffer of `R * row_bytes`; returns the stored bytes (uint8) and the scales (`[R]`, model dtype)."""
+        import torch
+
+        from .header import DTYPES
+
+        dtype = DTYPES[self.dtype]
+        if rows_RK.dtype != dtype:
+            raise ValueError(f"{self.name}: rows must be {dtype} (the model dtype), got {rows_RK.dtype}")
+        r = rows_RK.shape[0]
+        if out is None:
+            out = torch.empty(r * self.row_bytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() != r * self.row_bytes:
+            raise ValueError(f"{self.name}: out must be {r * self.row_bytes} uint8 elements for {r} rows")
+        bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+        scales = self.quantize_bits(rows_RK.contiguous().view(bits).numpy(), out.numpy())
+        return out, torch.from_numpy(scales).view(dtype)
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole tensor at once (tests, small tensors): stored weight (int8, `weight_shape`) and scales."""
@@ -371,102 +393,91 @@ def _element_order(rows: int, k: int, bits: int, layout: Layout) -> tuple[list[i
 
 
 # nextafter(0.5, 0) in float32 (x + 0.5 would round 0.49999997 up to 1).
-_HALF_DOWN = 0.5 - 2.0**-25
+_HALF_DOWN = np.float32(0.5 - 2.0**-25)
 
 
-def _round_half_away(x: torch.Tensor, sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """C's round() (torch.round goes to even) of float32 `x` into the integer tensor `out`: x + sign(x) * HALF_DOWN,
-    truncated by the float-to-int conversion. Exact for every |x| < 2**23 (the tests check it against
-    floor(|x| + 0.5) in float64). Clobbers `x`; `sign` is float32 scratch space."""
-    import torch
-
-    x.add_(torch.sign(x, out=sign), alpha=_HALF_DOWN)
-    return out.copy_(x)
+_SIGN_BIT = np.int32(-(2**31))
+_HALF_DOWN_BITS = int(_HALF_DOWN.view(np.int32))
 
 
-def _round_half_away_small(
-    x: torch.Tensor, whole: torch.Tensor, doubled: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """The same as trunc(2x) - trunc(x): for x = +-(k + f) with 0 <= f < 1 that is +-(k + [f >= 0.5]), and 2x
-    is exact in float32. With int8 scratch (`whole`, `doubled`: |2x| < 128, int4's values) it takes 7% less
-    time per int4 block than the above; with the int16 that int8's 2x needs, 10% more (measured), so int8
-    keeps the above. Clobbers `x`."""
-    import torch
-
-    whole.copy_(x)  # the float-to-int conversion truncates
-    doubled.copy_(x.mul_(2))
-    return torch.sub(doubled, whole, out=out)
+def _round_half_away(x: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """C's round() (np.rint goes to even) of float32 `x` into the integer array `out`: x + copysign(HALF_DOWN,
+    x), truncated by the float-to-int conversion. Exact for every |x| < 2**23 (the tests check it against
+    floor(|x| + 0.5) in float64). Clobbers `x`; `scratch` is float32 space of its size. copysign on the bits
+    (x's sign bit, HALF_DOWN's others): a third of np.copysign's time (measured)."""
+    half = np.bitwise_and(x.view(np.int32), _SIGN_BIT, out=scratch.view(np.int32))
+    np.bitwise_or(half, _HALF_DOWN_BITS, out=half)
+    np.add(x, scratch, out=x)
+    np.copyto(out, x, casting="unsafe")
+    return out
 
 
 @functools.lru_cache(maxsize=_GATHER_CACHE)
-def _gather_index(rows: int, k: int, bits: int, layout: Layout) -> torch.Tensor:
-    """Flat source positions of a `[rows, K]` block in stored order (index_select moves elements several
-    times faster than a copy through the permuted view, whose inner loop is strided)."""
-    import torch
-
+def _gather_index(rows: int, k: int, bits: int, layout: Layout) -> np.ndarray:
+    """Flat source positions of a `[rows, K]` block in stored order (a gather moves elements several times
+    faster than a copy through the permuted view, whose inner loop is strided)."""
     view_shape, permutation = _element_order(rows, k, bits, layout)
-    return torch.arange(rows * k, dtype=torch.int32).view(view_shape).permute(permutation).reshape(-1)
+    return np.arange(rows * k, dtype=np.intp).reshape(view_shape).transpose(permutation).reshape(-1)
 
 
 _scratch = threading.local()
 
 
-def _scratch_buffer(purpose: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+def _scratch_buffer(purpose: str, dtype: type[np.generic], n: int) -> np.ndarray:
     """This thread's reused buffer for one step: fresh blocks of this size would cost page faults each time."""
-    import torch
-
-    buffers: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buffers: dict[str, np.ndarray] = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(purpose)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:  # grows to the largest step: one group on a lane
-        buf = buffers[purpose] = torch.empty(n, dtype=dtype)
+    if buf is None or buf.dtype != dtype or buf.size < n:  # grows to the largest step: one group on a lane
+        buf = buffers[purpose] = np.empty(n, dtype=dtype)
     return buf[:n]
 
 
 def _quantize_block(
-    rows_RK: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor, amax: torch.Tensor, scales: torch.Tensor
+    rows: np.ndarray, qt: QuantizedTensor, out: np.ndarray, amax: np.ndarray, scales: np.ndarray
 ) -> None:
-    """One cache-sized block of whole row groups: its bytes into `out`, its amax (float32) and stored scales.
+    """One cache-sized block of whole row groups (raw bits): its bytes into `out`, its amax (float32) and
+    stored scales (raw bits of the model dtype).
 
     Every step is one vectorized pass over the block, small enough to stay in the CPU cache (one pass over a
     whole 4 MB block of rows, or a fresh temporary, costs several times as much).
     """
-    import torch
+    from .casts import cast_function
 
-    r, k = rows_RK.shape
+    r, k = rows.shape
     bits = qt.bits
     qmax = (1 << (bits - 1)) - 1
     n = r * k
-    x = _scratch_buffer("x", torch.float32, n).view(r, k)
-    x.copy_(rows_RK)  # float32(w), exact
+    x = _scratch_buffer("x", np.float32, n).reshape(r, k)
+    cast_function(qt.dtype, "F32")(x.view(np.int32), rows)  # float32(w), exact
     # max |w| per row as the larger of -min and max: two reads of x instead of writing |x| and reading it
-    # back (35% less time, measured); abs() turns the -0.0 of an all-zero row into TensorRT-LLM's +0.0 (its
-    # max starts from 0.f), and NaN stays NaN for the check after.
-    low = _scratch_buffer("low_per_row", torch.float32, r)
-    torch.amax(x, dim=1, out=amax)
-    torch.maximum(amax.abs_(), torch.amin(x, dim=1, out=low).abs_(), out=amax)
-    scale = amax * (1.0 / (qmax + 1))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
-    scales.copy_(scale)  # the stored scale, rounded to the model dtype
-    x.div_(scale.masked_fill_(scale == 0, 1.0).view(r, 1))  # an all-zero row quantizes to 0, as in TensorRT-LLM
-    x = x.view(-1)
+    # back; abs() turns the -0.0 of an all-zero row into TensorRT-LLM's +0.0 (its max starts from 0.f), and
+    # NaN stays NaN for the check after.
+    low = _scratch_buffer("low_per_row", np.float32, r)
+    np.max(x, axis=1, out=amax)
+    np.maximum(np.abs(amax, out=amax), np.abs(np.min(x, axis=1, out=low), out=low), out=amax)
+    scale = amax * np.float32(1.0 / (qmax + 1))  # float32 amax / 128 (or / 8), as TensorRT-LLM multiplies
+    cast_function("F32", qt.dtype)(scales, scale.view(np.int32))  # the stored scale, rounded to the model dtype
+    scale[scale == 0] = 1.0  # an all-zero row quantizes to 0, as in TensorRT-LLM
+    np.divide(x, scale[:, None], out=x)
+    flat = x.reshape(-1)
+    np.clip(flat, -qmax - 1, qmax, out=flat)  # clipping before rounding is the same as after: the bounds are integers
+    q = _round_half_away(flat, _scratch_buffer("half", np.float32, n), _scratch_buffer("q", np.int8, n))
     biased = qt.layout is not Layout.COLUMN_MAJOR
     if biased:  # into stored order
-        index = _gather_index(r, k, bits, qt.layout)
-        x = torch.index_select(x, 0, index, out=_scratch_buffer("ordered", torch.float32, n))
-    x.clamp_(-qmax - 1, qmax)  # clipping before rounding is the same as after: the bounds are integers
+        # mode="wrap": the indexes are in range, and "raise" checks each one (30% slower, measured)
+        q = np.take(q, _gather_index(r, k, bits, qt.layout), out=_scratch_buffer("ordered", np.int8, n), mode="wrap")
     if bits == 8:
-        _round_half_away(x, _scratch_buffer("sign", torch.float32, n), out.view(torch.int8))
         if biased:
-            out.bitwise_xor_(0x80)  # + 128 as unsigned: flips the top bit
-    else:
-        whole, doubled = _scratch_buffer("whole", torch.int8, n), _scratch_buffer("doubled", torch.int8, n)
-        q = _round_half_away_small(x, whole, doubled, _scratch_buffer("q", torch.int8, n))
-        # two values per byte, the first in the low nibble: as int16 a pair is lo | hi << 8 (little-endian,
-        # like every host torch runs on and like safetensors' data)
-        pairs = q.view(torch.int16)
-        low = _scratch_buffer("low", torch.int16, n // 2)
-        torch.bitwise_and(pairs, 0xF, out=low)
-        high = _scratch_buffer("high", torch.int16, n // 2)
-        torch.bitwise_right_shift(pairs, 4, out=high).bitwise_and_(0xF0)
-        out.copy_(low.bitwise_or_(high))
-        if biased:
-            out.bitwise_xor_(0x88)  # + 8 on each signed nibble: flips its top bit
+            np.bitwise_xor(q.view(np.uint8), 0x80, out=out)  # + 128 as unsigned: flips the top bit
+        else:
+            np.copyto(out, q.view(np.uint8))
+        return
+    # two values per byte, the first in the low nibble: as int16 a pair is lo | hi << 8 (little-endian,
+    # like every host numpy runs on and like safetensors' data)
+    pairs = q.view(np.int16)
+    low16 = np.bitwise_and(pairs, 0xF, out=_scratch_buffer("low", np.int16, n // 2))
+    high16 = np.right_shift(pairs, 4, out=_scratch_buffer("high", np.int16, n // 2))
+    np.bitwise_and(high16, 0xF0, out=high16)
+    np.copyto(out, np.bitwise_or(low16, high16, out=low16), casting="unsafe")
+    if biased:
+        np.bitwise_xor(out, 0x88, out=out)  # + 8 on each signed nibble: flips its top bit

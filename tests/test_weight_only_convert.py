@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -467,6 +470,40 @@ def test_a_nan_weight_stops_the_conversion_in_one_line_and_leaves_nothing(wide: 
     assert left <= {".moe-convert-journal.json"}, left  # the journal is what --resume would continue from
 
 
+def test_a_quantize_worker_that_dies_stops_the_conversion_in_one_line(
+    wide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantize worker killed mid-conversion (as the kernel's OOM killer would kill it): one line saying
+    which process and how, exit 1, no rank file left, and no worker left running."""
+
+    def die(*args: Any) -> bytes:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(moe_convert.quantize_pool, "_quantize_task", die)  # the workers are forked with it
+    out = tmp_path / "out"
+    args = ["convert", "--model_dir", str(wide), "--output_dir", str(out), "--tp_size", "8", "--moe_ep_size", "8"]
+    result = run(*args, "--use_weight_only", "--weight_only_arch", "80", "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "a quantize worker process (pid" in lines[0], lines
+    assert "was killed by signal 9 (SIGKILL: out of memory?)" in lines[0], lines
+    left = {f.name for f in out.iterdir()} if out.exists() else set()
+    assert left <= {".moe-convert-journal.json"}, left
+    assert multiprocessing.active_children() == []
+
+
+def test_where_fork_is_unavailable_threads_quantize_the_same_bytes(
+    wide: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lay, q = LAYOUTS[1], Quant("int4", 80)
+    expected = quantized(tmp_path_factory, wide, lay, q)
+    monkeypatch.setattr(moe_convert.quantize_pool, "use_processes", lambda: False)
+    got = quantized(tmp_path_factory, wide, lay, q, workers=3)
+    assert multiprocessing.active_children() == []
+    assert files(got) == files(expected)
+
+
 def test_save_config_only_writes_the_quantization_block(wide: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     args = ["--use_weight_only", "--weight_only_precision", "int4", "--weight_only_arch", "89"]
@@ -526,6 +563,7 @@ def test_resume_keeps_quantized_files_and_refuses_another_precision(
     monkeypatch.setattr(moe_convert.execute, "_scatter", scatter)
     with pytest.raises(KeyboardInterrupt):
         convert(wide, out, **lay.kwargs(), **q.kwargs())
+    assert multiprocessing.active_children() == []  # the quantize workers were stopped
     monkeypatch.setattr(moe_convert.execute, "_scatter", real)
     kept = sorted(p.name for p in out.glob("rank*.safetensors"))
     assert kept == ["rank0.safetensors", "rank1.safetensors"]
