@@ -308,7 +308,7 @@ def execute_plans(
     rank file written.
     """
     n_files = sum(len(job.ranks()) for job in jobs)
-    quantize_pool = _start_quantize_pool(jobs, chunk_bytes)  # first: it forks its workers before threads start
+    pool = _start_quantize_pool(jobs, chunk_bytes)  # first: it forks its workers before threads start
     prof = profiling.begin()
     lanes = WriteThreads(write_thread_count(workers, n_files))
     buffer_bytes = staging_buffer_bytes(n_files)
@@ -346,11 +346,11 @@ def execute_plans(
                 on_bytes(n)
 
         make_buffer = None
-        if quantize_pool is not None:
-            quantize_pool.check = lanes.check
-            make_buffer = quantize_pool.arena.read_buffer  # where the pool's workers can read the chunks
+        if pool is not None:
+            pool.check = lanes.check
+            make_buffer = pool.arena.read_buffer  # where the pool's workers can read the chunks
         buffers = _ReadBuffers(chunk_bytes, lanes.check, READ_BUFFERS, make_buffer)
-        ctx = _Context(reader, lanes, buffers, counted, quantize_pool)
+        ctx = _Context(reader, lanes, buffers, counted, pool)
         commit_when_done = _EarlyCommit(jobs, writers, by_source, reader, lanes, on_rank_done)
         for n in order:
             _scatter(ctx, tensors[n], by_source[n])
@@ -375,8 +375,8 @@ def execute_plans(
                     (job.output_dir / (r.file + PARTIAL_SUFFIX)).unlink(missing_ok=True)
         raise
     finally:
-        if quantize_pool is not None:  # the lanes have stopped, and with them every use of the pool
-            quantize_pool.close(cancel=failed)
+        if pool is not None:  # the lanes have stopped, and with them every use of the pool
+            pool.close(cancel=failed)
         if io is not None:
             io.shutdown()
         if reader is not None:

@@ -139,11 +139,19 @@ def _quantize_task(base: np.ndarray, scratch: np.ndarray, task: _Task) -> bytes:
     return scales.tobytes()
 
 
-def _worker(arena: mmap.mmap, tasks: Connection, parent: int) -> None:
+def _libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the converter (a forked child should not take the loader's lock)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _worker(arena: mmap.mmap, tasks: Connection, parent: int, prctl: Callable[..., int] | None) -> None:
     """A worker process's life: quantize tasks until told to stop, or until the converter is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the converter stops us
-    with contextlib.suppress(OSError, AttributeError):  # die with the converter even if it is killed
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the converter (its forking thread) even if killed
     base = np.frombuffer(arena, dtype=np.uint8)
     scratch = np.empty(BLOCK_BYTES, dtype=np.uint8)
     while True:
@@ -201,10 +209,14 @@ class QuantizePool:
 
     def _fork(self, workers: int) -> None:
         ctx = multiprocessing.get_context("fork")
+        prctl = _libc_prctl()
         for k in range(workers):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker, args=(self.arena.map, theirs, os.getpid()), name=f"moe-convert-quantize{k}", daemon=True
+                target=_worker,
+                args=(self.arena.map, theirs, os.getpid(), prctl),
+                name=f"moe-convert-quantize{k}",
+                daemon=True,
             )
             with warnings.catch_warnings():  # Python 3.12+ warns on fork with threads; a worker runs only _worker
                 warnings.simplefilter("ignore", DeprecationWarning)

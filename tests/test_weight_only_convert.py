@@ -19,6 +19,9 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -491,6 +494,46 @@ def test_a_quantize_worker_that_dies_stops_the_conversion_in_one_line(
     left = {f.name for f in out.iterdir()} if out.exists() else set()
     assert left <= {".moe-convert-journal.json"}, left
     assert multiprocessing.active_children() == []
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids += [int(k) for k in task.read_text().split()]
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not moe_convert.quantize_pool.use_processes(), reason="worker processes on Linux only")
+def test_quantize_workers_die_with_a_killed_converter(wide: Path, tmp_path: Path) -> None:
+    """SIGKILL to the converter (no cleanup runs) still ends its quantize workers: they ask the kernel to
+    kill them when it dies."""
+    args = ["convert", "--model_dir", str(wide), "--output_dir", str(tmp_path / "out"), "--tp_size", "8"]
+    args += ["--moe_ep_size", "8", "--use_weight_only", "--weight_only_arch", "80"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_convert", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    deadline = time.monotonic() + 60
+    while not workers and proc.poll() is None and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        time.sleep(0.002)
+    assert workers, "the conversion ended before its workers were seen"
+    proc.send_signal(signal.SIGSTOP)  # frozen with its workers alive, then killed
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while not all(_gone(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(w) for w in workers), [w for w in workers if not _gone(w)]
 
 
 def test_where_fork_is_unavailable_threads_quantize_the_same_bytes(
