@@ -510,7 +510,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.skipif(not moe_convert.quantize_pool.use_processes(), reason="worker processes on Linux only")
+@pytest.mark.skipif(
+    not moe_convert.quantize_pool.use_processes() or not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+    reason="worker processes on Linux only; /proc/PID/task/TID/children lists them",
+)
 def test_quantize_workers_die_with_a_killed_converter(wide: Path, tmp_path: Path) -> None:
     """SIGKILL to the converter (no cleanup runs) still ends its quantize workers: they ask the kernel to
     kill them when it dies."""
