@@ -17,8 +17,9 @@ to its own output dir, deleted (untimed) before each run. A run's time is the co
 right after it (our converter fsyncs its files, cp and the naive one leave dirty pages; `--no_sync`
 times the command alone); a `sync` before each run starts it clean. Peak memory is the largest
 PSS of anonymous and shared memory (Pss_Anon + Pss_Shmem) summed over the command's process tree, so
-pages the quantize workers share with the converter count once (before 2026-12-01: RssAnon, the same
-number for one process), polled from /proc every ~20 ms, as is the time to
+pages the quantize workers share with the converter count once, and the write threads' staging buffers
+(shared anonymous mappings) count at all (before 2026-12-01: RssAnon, which missed them), polled from
+/proc every ~20 ms, as is the time to
 the first output byte (a file in the output dir with data on disk). The page cache cannot be dropped
 here, so each command runs `--warmup` times (default 1, untimed) before the timed rounds: the numbers
 are warm-cache numbers (the sources fit in RAM).
