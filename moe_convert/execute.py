@@ -212,7 +212,8 @@ def _submit_quantized(
     complete = False
     try:
         for start, part, pooled in _quantize_blocks(view, first, q, itemsize(t.dtype)):
-            feed.put(pool.submit(q, start, part, source) if pooled and pool.shares(part) else (start, part))
+            quantizing = pool.submit(q, start, part, source) if pooled else None
+            feed.put(quantizing or (start, part))  # not pooled, or not where the workers can read it: the lane's
         complete = True
     finally:
         feed.close(complete)
@@ -309,11 +310,16 @@ def execute_plans(
     """
     n_files = sum(len(job.ranks()) for job in jobs)
     pool = _start_quantize_pool(jobs, chunk_bytes)  # first: it forks its workers before threads start
-    prof = profiling.begin()
-    lanes = WriteThreads(write_thread_count(workers, n_files))
-    buffer_bytes = staging_buffer_bytes(n_files)
-    n_io = writer.io_thread_count(n_files)
-    io = ThreadPoolExecutor(n_io, thread_name_prefix="moe-convert-io") if n_io else None
+    try:
+        prof = profiling.begin()
+        lanes = WriteThreads(write_thread_count(workers, n_files))
+        buffer_bytes = staging_buffer_bytes(n_files)
+        n_io = writer.io_thread_count(n_files)
+        io = ThreadPoolExecutor(n_io, thread_name_prefix="moe-convert-io") if n_io else None
+    except BaseException:  # the try below, which stops the workers, has not begun
+        if pool is not None:
+            pool.close(cancel=True)
+        raise
     writers: list[list[RankFileWriter]] = []
     reader: _SourceReader | None = None
     failed = False

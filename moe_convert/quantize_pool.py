@@ -7,12 +7,12 @@ order and writes them into its file as they come back. Whole row groups are inde
 so any worker may take any block, and the workers quantize the next chunks while lanes still write the
 last ones.
 
-Processes, not threads: between a step's torch ops a thread holds the GIL, and in a conversion the GIL is
+Processes, not threads: between a step's calls a thread holds the GIL, and in a conversion the GIL is
 also wanted by 8 write threads, 8 I/O threads and the reader. On the 16-core host 8 quantizing threads got
 0.16 GB/s each (1.3 GB/s in all) where one alone gets 0.4-0.8, and the conversion took 1.5-2.4x the
 unquantized time depending on the instance (measured, issue 14). The workers are forked from the
-converter once torch is imported (they share its pages and start in milliseconds), before the lanes
-start, and read the blocks where the main thread read them: the read buffers and the blocks' stored bytes
+converter before its lanes start (they share its pages, import nothing and start in milliseconds), and
+read the blocks where the main thread read them: the read buffers and the blocks' stored bytes
 live in one anonymous shared mapping made before the fork (the Arena), so a task is a few hundred bytes
 and no block is copied between processes. Workers ignore SIGINT (the converter handles it and stops
 them), die with the converter (PR_SET_PDEATHSIG, and a parent check), and a worker's death fails the
@@ -79,7 +79,7 @@ def memory_bytes(workers: int, group_elements: int) -> int:
 
 
 def use_processes() -> bool:
-    """Fork workers where fork is safe to use with torch: Linux."""
+    """Fork workers where fork is the usual way and PR_SET_PDEATHSIG exists: Linux."""
     return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
 
 
@@ -247,16 +247,13 @@ class QuantizePool:
         for conn in self.conns:
             conn.close()
 
-    def shares(self, part: np.ndarray) -> bool:
-        """Whether the pool can read `part` where it is (it lies in the arena's read buffers)."""
-        return self.arena.locate(part) is not None
-
-    def submit(self, q: QuantizedOutput, start: int, part: np.ndarray, source: str) -> Quantizing:
-        """Quantize `part` (raw bits of dtype `source`, in the arena: see `shares`), elements [start, ...) of
-        `q`'s rows, whole row groups. Waits for a free slot. `part` must stay as it is until the result is
-        written or abandoned."""
+    def submit(self, q: QuantizedOutput, start: int, part: np.ndarray, source: str) -> Quantizing | None:
+        """Quantize `part` (raw bits of dtype `source`), elements [start, ...) of `q`'s rows, whole row
+        groups; None, doing nothing, if `part` is not in the arena's read buffers (where the workers can read
+        it). Waits for a free slot. `part` must stay as it is until the result is written or abandoned."""
         offset = self.arena.locate(part)
-        assert offset is not None
+        if offset is None:
+            return None
         slot = self._take()
         task = _Task(self.next_tid, q.qt, start, source, offset, part.shape, part.strides, self.arena.stored(slot))
         self.next_tid += 1

@@ -48,15 +48,14 @@ SM90_LAYOUTS = {
 QUANT_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
 # Rows of the planned tensor (op-input columns) whose bytes interleave: 128-byte cache line / 64-row K tile.
 _INTERLEAVE = {8: 2, 4: 4}
-# Elements a block is processed in at a time: each step is one torch op over them, and between ops the
-# thread holds the GIL, so small steps serialise the write threads. 2 threads on the 2-core VM quantized
-# 0.81 GB/s of bf16 at 128K elements (1 thread: 0.69) and 1.22 GB/s at 1M (1 thread: 0.63); 2M was slower
-# (1.09): its temporaries leave the CPU cache. See docs/weight-only.md (Speed).
+# Elements a block is processed in at a time: each step is one numpy call over them, small enough that its
+# temporaries stay in the CPU cache. A quantize worker is one thread, so no GIL hand-offs favour bigger
+# steps: one thread on the 2-core VM quantized 0.80 GB/s of bf16 (int8) at 256K elements, 0.71 at 512K,
+# 0.72 at 64K. See docs/weight-only.md (Speed).
 _SUB_BLOCK_ELEMENTS = 1 << 18
 # Per thread, the reused temporaries of one step: x and copysign(0.5-, x) in float32, the values and their
 # stored-order copy in int8, and for int4 two int16 halves: 12 bytes an element.
 SCRATCH_BYTES_PER_ELEMENT = 12
-SCRATCH_BYTES = SCRATCH_BYTES_PER_ELEMENT * _SUB_BLOCK_ELEMENTS
 
 
 def scratch_bytes(group_elements: int) -> int:
